@@ -1,0 +1,67 @@
+"""The typed configuration of one ``edge-pack build``, checked before any work starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgephi.runtime.bundle import SUFFIX
+from edgephi.runtime.errors import ConfigError
+from edgephi.runtime.manifest import is_valid_name, is_valid_version
+from edgephi.targets import ExecutionProvider, Precision, Target
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything a build needs. ``precision``/``context`` default to the target's."""
+
+    source: str
+    output: Path
+    target: Target
+    version: str = "0.1.0"
+    name: str | None = None
+    precision: Precision | None = None
+    context: int | None = None
+    keep_workdir: bool = False
+
+    def __post_init__(self) -> None:
+        if self.output.suffix != SUFFIX:
+            raise ConfigError(f"output {self.output} must end in {SUFFIX}")
+        if self.output.is_dir():
+            raise ConfigError(f"output {self.output} is a directory; give a file name ending in {SUFFIX}")
+        if not is_valid_version(self.version):
+            raise ConfigError(f"version {self.version!r} is not a semantic version such as 1.0.0")
+        if self.name is not None and not is_valid_name(self.name):
+            raise ConfigError(
+                f"name {self.name!r} must be lowercase letters, digits, '.', '_' or '-' (at most 64)"
+            )
+        if self.context is not None and self.context < 64:
+            raise ConfigError(f"context {self.context} is below the useful minimum of 64 tokens")
+        if self.effective_precision is Precision.FP16 and self.target.execution_provider is ExecutionProvider.CPU:
+            raise ConfigError(
+                f"precision fp16 needs a GPU target, but target {self.target.name} runs on the CPU; "
+                "use int4, int8 or fp32 for CPU targets"
+            )
+
+    @property
+    def effective_precision(self) -> Precision:
+        return self.precision or self.target.precision
+
+    @property
+    def effective_context(self) -> int:
+        return self.context or self.target.context
+
+    def display(self) -> str:
+        """The effective settings, printed before the build starts."""
+        rows = [
+            ("source", self.source),
+            ("output", str(self.output)),
+            ("name", self.name or "(from the source)"),
+            ("version", self.version),
+            ("target", f"{self.target.name} ({self.target.execution_provider.value})"),
+            ("precision", self.effective_precision.value),
+            ("quantisation", f"block {self.target.block_size}, accuracy level {self.target.accuracy_level}, "
+             f"{'symmetric' if self.target.symmetric else 'asymmetric'}"),
+            ("default context", f"{self.effective_context} tokens"),
+        ]
+        return "\n".join(f"  {k:<16}{v}" for k, v in rows)

@@ -1,0 +1,82 @@
+"""Step 3 of a build: make the builder's output folder ready to ship, and describe it.
+
+* ``genai_config.json``: the builder sets ``search.max_length`` to the model's full
+  context (128k for Phi-3.5-mini), and onnxruntime-genai preallocates the KV cache for
+  it — 96 GiB. The shipped default is the target's context, capped by the model's; the
+  runtime may plan another value through og's config overlay.
+* the manifest's ``model`` and ``memory`` sections come from the same config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from edgephi.runtime.bundle import MANIFEST_MEMBER
+from edgephi.runtime.errors import BuildError
+from edgephi.runtime.manifest import FileEntry, check_member_path
+
+_KV_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_WEIGHT_SUFFIXES = (".onnx", ".data", ".onnx_data", ".bin")
+
+
+def set_default_context(model_dir: Path, context: int) -> int:
+    """Write the shipped ``search.max_length``; return the value written."""
+    path = model_dir / "genai_config.json"
+    genai = json.loads(path.read_text(encoding="utf-8"))
+    model_context = int(genai["model"].get("context_length") or context)
+    value = min(context, model_context)
+    genai.setdefault("search", {})["max_length"] = value
+    path.write_text(json.dumps(genai, indent=4) + "\n", encoding="utf-8")
+    return value
+
+
+def has_chat_template(model_dir: Path) -> bool:
+    if (model_dir / "chat_template.jinja").is_file() or (model_dir / "chat_template.json").is_file():
+        return True
+    config = model_dir / "tokenizer_config.json"
+    if config.is_file():
+        return bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
+    return False
+
+
+def model_facts(model_dir: Path, hf_config: dict[str, Any]) -> dict[str, Any]:
+    genai = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))
+    decoder = genai["model"]["decoder"]
+    archs = hf_config.get("architectures") or ["?"]
+    return {
+        "architecture": archs[0],
+        "model_type": genai["model"].get("type", hf_config.get("model_type", "?")),
+        "context_length": int(genai["model"].get("context_length", 0)),
+        "vocab_size": int(genai["model"].get("vocab_size", 0)),
+        "num_hidden_layers": int(decoder["num_hidden_layers"]),
+        "num_key_value_heads": int(decoder["num_key_value_heads"]),
+        "head_size": int(decoder["head_size"]),
+        "hidden_size": int(decoder["hidden_size"]),
+    }
+
+
+def memory_facts(files: list[FileEntry], model: dict[str, Any], kv_dtype: str = "float32") -> dict[str, int]:
+    weights = sum(f.size for f in files if f.path.endswith(_WEIGHT_SUFFIXES))
+    kv = 2 * model["num_hidden_layers"] * model["num_key_value_heads"] * model["head_size"] * _KV_BYTES[kv_dtype]
+    return {"weights_bytes": weights, "kv_bytes_per_token": kv}
+
+
+def file_entries(model_dir: Path) -> list[FileEntry]:
+    """Hash every file of the finished model folder, in a stable (sorted) order."""
+    entries: list[FileEntry] = []
+    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        rel = path.relative_to(model_dir).as_posix()
+        if rel == MANIFEST_MEMBER:
+            raise BuildError(f"the model folder contains a file named {MANIFEST_MEMBER}, which is reserved")
+        check_member_path(rel)
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        entries.append(FileEntry(rel, path.stat().st_size, digest.hexdigest()))
+    if not entries:
+        raise BuildError(f"the model folder {model_dir} is empty")
+    return entries

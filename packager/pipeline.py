@@ -1,0 +1,150 @@
+"""``edge-pack build``: from a model source to a verified .phi bundle.
+
+The steps, each a function from inputs to outputs inside one work directory:
+
+1. ``resolve``   — classify the source (HF folder, GGUF file, hub id) and check its
+   architecture (``edgephi.packager.sources``);
+2. ``convert``   — GGUF only: dequantise into an F32 Hugging Face folder (``packager.gguf``);
+3. ``export``    — run onnxruntime-genai's model builder for the target's precision,
+   execution provider and quantisation recipe (``packager.builder``);
+4. ``finalize``  — set the shipped default context, hash every file, describe the model
+   and its memory needs in the manifest (``packager.finalize``);
+5. ``validate``  — load the result in onnxruntime-genai and generate (``packager.validate``);
+6. ``write``     — write the archive atomically (``packager.writer``).
+
+Nothing is written at the output path unless every step succeeded; the work directory is
+removed afterwards (kept with ``keep_workdir`` for debugging).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgephi.packager import builder, finalize, sources, validate, writer
+from edgephi.packager.config import BuildConfig
+from edgephi.runtime.errors import BuildError
+from edgephi.runtime.fsutil import remove_tree
+from edgephi.runtime.manifest import Manifest
+
+Progress = Callable[[str], None]
+
+_TOOLS = ("edgephi", "onnxruntime-genai", "onnxruntime", "transformers", "torch", "onnx")
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    output: Path
+    manifest: Manifest
+    smoke_output: str
+
+
+def tool_versions() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for dist in _TOOLS:
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _downloaded_config(cache_dir: Path) -> dict[str, Any]:
+    """A hub id's config.json, as the builder downloaded it into its cache."""
+    for path in sorted(cache_dir.rglob("config.json")):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and data.get("architectures"):
+            sources.check_architecture(data, str(path))
+            return data
+    return {}
+
+
+def build(config: BuildConfig, progress: Progress = lambda _msg: None) -> BuildResult:
+    source = sources.resolve(config.source)
+    # Work beside the output: same disk the user chose for the result, and not /tmp, which
+    # is often a small RAM disk while a dequantised checkpoint is several GB.
+    config.output.parent.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=".edgepack-", dir=config.output.parent))
+    try:
+        return _build_in(config, source, workdir, progress)
+    finally:
+        if config.keep_workdir:
+            progress(f"work directory kept: {workdir}")
+        else:
+            remove_tree(workdir)
+
+
+def _build_in(config: BuildConfig, source: sources.Source, workdir: Path, progress: Progress) -> BuildResult:
+    hf_config = source.config
+    builder_input = source.ref
+    if source.kind == "gguf":
+        assert source.path is not None
+        progress(f"[1/5] dequantising {source.path.name} to an F32 Hugging Face folder")
+        hf_dir = workdir / "hf"
+        from edgephi.packager import gguf
+
+        hf_config = gguf.to_hf_folder(source.path, hf_dir)
+        builder_input = str(hf_dir)
+    else:
+        progress(f"[1/5] using {source.kind} {source.ref}")
+
+    target = config.target
+    precision = config.effective_precision
+    onnx_dir = workdir / "onnx"
+    request = builder.ExportRequest(
+        source=builder_input,
+        source_is_local=source.kind != "hf-id",
+        output_dir=onnx_dir,
+        cache_dir=workdir / "builder-cache",
+        log_path=workdir / "builder.log",
+        precision=precision,
+        execution_provider=target.execution_provider,
+        block_size=target.block_size,
+        accuracy_level=target.accuracy_level,
+        symmetric=target.symmetric,
+        tied_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+    )
+    progress(f"[2/5] exporting {precision.value} for {target.execution_provider.value} with the model builder")
+    builder.export(request)
+    if not hf_config:
+        hf_config = _downloaded_config(request.cache_dir)
+
+    progress("[3/5] finalising: default context, hashes, manifest")
+    context = finalize.set_default_context(onnx_dir, config.effective_context)
+    chat_template = finalize.has_chat_template(onnx_dir)
+    files = finalize.file_entries(onnx_dir)
+    model = finalize.model_facts(onnx_dir, hf_config)
+    model["default_context"] = context
+    manifest = Manifest(
+        name=config.name or source.default_name,
+        version=config.version,
+        precision=precision.value,
+        target=target.to_dict(),
+        files=tuple(files),
+        created_at=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        created_by=tool_versions(),
+        source={"kind": source.kind, "ref": Path(source.ref).name if source.kind != "hf-id" else source.ref},
+        model=model,
+        memory=finalize.memory_facts(files, model),
+        chat_template=chat_template,
+    )
+
+    progress("[4/5] validating: loading in onnxruntime-genai and generating")
+    if target.execution_provider.value == "cpu":
+        smoke = validate.smoke_test(onnx_dir, chat_template)
+    else:
+        smoke = ""
+        progress(f"      (skipped: {target.execution_provider.value} models cannot run on this CPU host)")
+
+    progress(f"[5/5] writing {config.output}")
+    try:
+        writer.write_bundle(config.output, manifest, onnx_dir)
+    except OSError as exc:
+        raise BuildError(f"cannot write {config.output}: {exc.strerror or exc}") from None
+    return BuildResult(config.output, manifest, smoke)

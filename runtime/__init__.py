@@ -1,0 +1,18 @@
+"""The device runtime (``edgephi.runtime``): verify, install and run .phi bundles.
+
+Imports nothing heavy: onnxruntime-genai is loaded only when a model is, and torch,
+transformers, onnx and the packager are never imported from here.
+
+    from edgephi.runtime import load
+    m = load("model.phi")
+    for chunk in m.stream([{"role": "user", "content": "Hi"}]):
+        print(chunk, end="")
+"""
+
+from edgephi.runtime.errors import EdgeError
+from edgephi.runtime.loader import install, load
+from edgephi.runtime.options import GenerationOptions
+
+__version__ = "0.1.0"
+
+__all__ = ["EdgeError", "GenerationOptions", "__version__", "install", "load"]

@@ -1,0 +1,132 @@
+"""``edge-run``: run a .phi bundle on the device.
+
+    edge-run model.phi -p "Hello"        answer once and exit
+    echo "Hello" | edge-run model.phi    piped stdin is the prompt
+    edge-run model.phi                   interactive chat on a terminal
+    edge-run list                        installed models
+
+A thin shell: it parses options into ``GenerationOptions``, calls ``loader.load`` and
+prints chunks as ``Engine.stream`` yields them. ``run`` is the default command, so
+``edge-run model.phi`` works without naming it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edgephi.runtime import console, loader
+from edgephi.runtime.chat import Conversation
+from edgephi.runtime.engine import Engine
+from edgephi.runtime.errors import ConfigError
+from edgephi.runtime.options import GenerationOptions
+from edgephi.runtime.store import Store
+
+PROG = "edge-run"
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, help="Run .phi model bundles on this device.")
+
+StoreOpt = Annotated[
+    Path | None,
+    typer.Option("--store", help="Model store directory (default: $EDGEPHI_HOME or ~/.local/share/edgephi)."),
+]
+
+
+@app.command()
+def run(
+    bundle: Annotated[Path, typer.Argument(help="A .phi bundle, or an installed model folder.")],
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Answer this and exit.")] = None,
+    system: Annotated[str | None, typer.Option("--system", help="System message.")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens per answer.")] = 256,
+    temperature: Annotated[
+        float | None,
+        typer.Option("--temperature", "-t", help="0 = greedy; default: the model's own setting."),
+    ] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass.")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="Sample from the k likeliest.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed for reproducible sampling.")] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", help="Threads for onnxruntime (default: usable cores)."),
+    ] = None,
+    context: Annotated[
+        int | None,
+        typer.Option("--context", help="Context length in tokens (default: the bundle's)."),
+    ] = None,
+    stats: Annotated[bool, typer.Option("--stats", help="Print a line of statistics after each answer.")] = False,
+    store: StoreOpt = None,
+) -> None:
+    """Chat with a model bundle, or answer one prompt."""
+    options = GenerationOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    engine = loader.load(bundle, store=Store(store) if store else None, threads=threads, context=context)
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read().strip()
+        if not prompt:
+            raise ConfigError("stdin was empty", hint="give a prompt with -p, pipe one in, or run on a terminal to chat")
+    conversation = Conversation(engine, system=system)
+    if prompt is not None:
+        _answer(conversation, prompt, options, stats)
+        return
+    _chat(conversation, options, stats)
+
+
+def _answer(conversation: Conversation, text: str, options: GenerationOptions, stats: bool) -> None:
+    dropped = conversation.dropped
+    for chunk in conversation.ask(text, options):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if conversation.dropped > dropped:
+        console.info(f"(dropped {conversation.dropped - dropped} oldest exchange(s) to fit the context)")
+    if stats and conversation.engine.last_stats:
+        console.info(conversation.engine.last_stats.line())
+
+
+def _chat(conversation: Conversation, options: GenerationOptions, stats: bool) -> None:
+    engine: Engine = conversation.engine
+    console.info(f"Chatting with the model (context {engine.context} tokens). /exit or Ctrl-D to quit.")
+    while True:
+        try:
+            text = input("> ").strip()
+        except EOFError:
+            console.info("")
+            return
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return
+        try:
+            _answer(conversation, text, options, stats)
+        except KeyboardInterrupt:
+            # Ctrl-C stops this answer, not the chat.
+            console.info("\n(interrupted)")
+
+
+@app.command("list")
+def list_models(store: StoreOpt = None) -> None:
+    """List the models installed in the store."""
+    models = Store(store).installed() if store else Store().installed()
+    if not models:
+        console.info("no models installed")
+        return
+    for m in models:
+        print(f"{m.manifest.name}\t{m.manifest.version}\t{m.manifest.precision}\t{m.path}")
+
+
+_COMMANDS = {"run", "list"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    # `run` is the default command: `edge-run model.phi …` means `edge-run run model.phi …`.
+    if args and args[0] not in _COMMANDS and args[0] not in ("--help", "-h"):
+        args.insert(0, "run")
+    console.run_app(app, PROG, args)
+
+
+if __name__ == "__main__":
+    main()

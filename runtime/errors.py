@@ -1,0 +1,126 @@
+"""Every exception edgephi raises, in one place.
+
+Each feature has a base class, and each concrete error also derives from the builtin a
+caller would naturally catch (``BundleNotFound`` is a ``FileNotFoundError``). Tampering —
+a hash or size that does not match what the manifest promised — has its own branch,
+``TamperError``, so callers never confuse it with an ordinary malformed input.
+
+Messages say what is wrong; ``hint`` says what to do. The CLIs join the two into one line
+(see ``edgephi.runtime.cli``). This module imports nothing from edgephi, so every layer —
+targets, runtime and packager — may raise from it.
+"""
+
+from __future__ import annotations
+
+
+class EdgeError(Exception):
+    """Base of all edgephi errors."""
+
+    hint: str = ""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+# --- options and targets -------------------------------------------------------------
+
+
+class ConfigError(EdgeError, ValueError):
+    """A setting or a combination of settings is invalid."""
+
+    hint = "fix the option named above"
+
+
+class UnknownTarget(ConfigError, LookupError):
+    """No device profile has the requested name."""
+
+    hint = "run `edge-pack targets` to list the known targets"
+
+
+class DependencyMissing(EdgeError, ImportError):
+    """An optional package needed for this command is not installed."""
+
+    hint = "install the packaging extra: pip install 'edgephi[pack]' torch==2.13.0"
+
+
+# --- model sources and building ---------------------------------------------------------
+
+
+class SourceError(EdgeError, ValueError):
+    """The model source given to ``edge-pack build`` cannot be used."""
+
+
+class SourceNotFound(SourceError, FileNotFoundError):
+    hint = "check the path; a Hugging Face model id looks like org/name"
+
+
+class NotAModel(SourceError):
+    hint = "give a Hugging Face model folder (with config.json and weights), a .gguf file, or a model id"
+
+
+class UnsupportedArchitecture(SourceError):
+    hint = "pick a model of a supported family (Phi, Llama, Mistral, Gemma, Qwen)"
+
+
+class BuildError(EdgeError, RuntimeError):
+    """The model builder or the validation of its output failed."""
+
+    hint = "see the build log named above; nothing was written"
+
+
+# --- bundles ------------------------------------------------------------------------------
+
+
+class BundleError(EdgeError):
+    """A .phi bundle cannot be read, verified or written."""
+
+
+class BundleNotFound(BundleError, FileNotFoundError):
+    hint = "check the path to the .phi file"
+
+
+class BundleFormatError(BundleError, ValueError):
+    """Not a bundle, or one that breaks a rule of the format."""
+
+    hint = "rebuild the bundle with `edge-pack build`, or get a fresh copy from its publisher"
+
+
+class UnsupportedFormatVersion(BundleFormatError):
+    hint = "upgrade edgephi on this device: pip install -U edgephi"
+
+
+class TamperError(BundleError):
+    """The bundle's content differs from what its manifest promises."""
+
+    hint = "do not use this file; get a fresh copy from its publisher"
+
+
+class IntegrityError(TamperError, ValueError):
+    """A member's hash or size does not match the manifest."""
+
+
+# --- the device store --------------------------------------------------------------------
+
+
+class StoreError(EdgeError, OSError):
+    """The per-user model store cannot be written or read."""
+
+    hint = "check free space and permissions of the store (EDGEPHI_HOME)"
+
+
+# --- generation -----------------------------------------------------------------------------
+
+
+class GenerationError(EdgeError, RuntimeError):
+    """Loading the model or generating from it failed."""
+
+    hint = "rebuild the bundle, or report the message above"
+
+
+class ContextOverflow(GenerationError, ValueError):
+    hint = "shorten the prompt or lower --max-tokens"

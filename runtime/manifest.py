@@ -1,0 +1,227 @@
+"""The bundle manifest: what a .phi file promises about itself.
+
+``Manifest`` is the parsed, validated form of ``manifest.json``. Both the packager
+(before it writes) and the runtime (after it reads) call ``Manifest.from_dict``, so a
+manifest the writer accepts is exactly one the reader accepts. The canonical bytes
+(sorted keys, no whitespace, UTF-8) are what gets hashed into the install id and,
+with the bundle-format issue, signed.
+
+Keys, in ``manifest.json``:
+
+========================  ==================================================================
+``format``                always ``"edgephi-bundle"``
+``format_version``        ``"MAJOR.MINOR"``; see ``edgephi.runtime.bundle`` for the rules
+``name``                  model name, ``[a-z0-9][a-z0-9._-]*``, at most 64 characters
+``version``               semantic version of this build of the model, e.g. ``1.2.0``
+``created_at``            UTC time of the build, ISO 8601
+``created_by``            tool name → version (edgephi, onnxruntime-genai, transformers, …)
+``source``                where the weights came from: ``kind`` (hf-folder/hf-id/gguf), ``ref``
+``model``                 ``architecture``, ``model_type``, ``context_length``, ``vocab_size``
+``precision``             int4 / int8 / fp16 / fp32
+``target``                the device profile the bundle was built for (``name``, ``execution_provider``, …)
+``memory``                ``weights_bytes`` and ``kv_bytes_per_token`` (fp32 KV cache, CPU)
+``chat_template``         true when the bundle carries a chat template
+``files``                 list of ``{path, size, sha256}``, one per model file, sorted by path
+========================  ==================================================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgephi.runtime.errors import BundleFormatError, UnsupportedFormatVersion
+
+FORMAT = "edgephi-bundle"
+FORMAT_VERSION = (1, 0)
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_SEMVER_RE = re.compile(
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-([0-9A-Za-z.-]+))?(?:\+([0-9A-Za-z.-]+))?$"
+)
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_PATH_PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+_PRECISIONS = ("int4", "int8", "fp16", "fp32")
+_REQUIRED = ("format", "format_version", "name", "version", "precision", "target", "files")
+MAX_FILES = 256
+MAX_PATH_LENGTH = 200
+
+
+def is_valid_name(name: str) -> bool:
+    return bool(_NAME_RE.match(name))
+
+
+def is_valid_version(version: str) -> bool:
+    return bool(_SEMVER_RE.match(version))
+
+
+def check_member_path(path: str) -> str:
+    """Return ``path`` if it is a safe relative POSIX path inside a bundle, else raise.
+
+    Only plain names joined by ``/`` are allowed: no absolute paths, no ``..`` or ``.``,
+    no backslashes or drive letters, no empty parts, no hidden files.
+    """
+    if not isinstance(path, str) or not path or len(path) > MAX_PATH_LENGTH:
+        raise BundleFormatError(f"file path {path!r} is empty or longer than {MAX_PATH_LENGTH} characters")
+    parts = path.split("/")
+    if any(not _PATH_PART_RE.match(part) for part in parts):
+        raise BundleFormatError(
+            f"file path {path!r} is not a plain relative path (allowed: letters, digits, '._-' joined by '/')"
+        )
+    return path
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    size: int
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    version: str
+    precision: str
+    target: dict[str, Any]
+    files: tuple[FileEntry, ...]
+    format_version: str = "{}.{}".format(*FORMAT_VERSION)
+    created_at: str = ""
+    created_by: dict[str, str] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    memory: dict[str, int] = field(default_factory=dict)
+    chat_template: bool = False
+
+    # --- serialisation ------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": self.format_version,
+            "name": self.name,
+            "version": self.version,
+            "created_at": self.created_at,
+            "created_by": dict(self.created_by),
+            "source": dict(self.source),
+            "model": dict(self.model),
+            "precision": self.precision,
+            "target": dict(self.target),
+            "memory": dict(self.memory),
+            "chat_template": self.chat_template,
+            "files": [f.to_dict() for f in self.files],
+        }
+
+    def canonical_bytes(self) -> bytes:
+        """The exact bytes that are stored, hashed and signed."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.canonical_bytes()).hexdigest()
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def file(self, path: str) -> FileEntry:
+        for entry in self.files:
+            if entry.path == path:
+                return entry
+        raise KeyError(path)
+
+    # --- parsing ------------------------------------------------------------------------
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Manifest:
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BundleFormatError(f"manifest.json is not valid UTF-8 JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise BundleFormatError("manifest.json must hold a JSON object")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        """Validate every rule of the manifest and return it; raise on the first broken rule."""
+        missing = [k for k in _REQUIRED if k not in data]
+        if missing:
+            raise BundleFormatError(f"manifest is missing {', '.join(missing)}")
+        if data["format"] != FORMAT:
+            raise BundleFormatError(f"manifest format is {data['format']!r}, expected {FORMAT!r}")
+        check_format_version(data["format_version"])
+        name, version, precision = data["name"], data["version"], data["precision"]
+        if not isinstance(name, str) or not is_valid_name(name):
+            raise BundleFormatError(f"manifest name {name!r} is not a valid model name")
+        if not isinstance(version, str) or not is_valid_version(version):
+            raise BundleFormatError(f"manifest version {version!r} is not a semantic version like 1.0.0")
+        if precision not in _PRECISIONS:
+            raise BundleFormatError(f"manifest precision {precision!r} is not one of {_PRECISIONS}")
+        for key in ("target", "created_by", "source", "model", "memory"):
+            if not isinstance(data.get(key, {}), dict):
+                raise BundleFormatError(f"manifest {key} must be an object")
+        if not isinstance(data.get("chat_template", False), bool):
+            raise BundleFormatError("manifest chat_template must be true or false")
+        if not isinstance(data.get("created_at", ""), str):
+            raise BundleFormatError("manifest created_at must be a string")
+        memory = data.get("memory", {})
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in memory.values()):
+            raise BundleFormatError("manifest memory values must be non-negative integers")
+        files = _parse_files(data["files"])
+        return cls(
+            name=name,
+            version=version,
+            precision=precision,
+            target=data["target"],
+            files=files,
+            format_version=data["format_version"],
+            created_at=data.get("created_at", ""),
+            created_by=data.get("created_by", {}),
+            source=data.get("source", {}),
+            model=data.get("model", {}),
+            memory=memory,
+            chat_template=data.get("chat_template", False),
+        )
+
+
+def check_format_version(value: Any) -> tuple[int, int]:
+    """A reader accepts its own major version, any minor (newer minors only add keys)."""
+    if not isinstance(value, str) or not re.match(r"^\d{1,4}\.\d{1,4}$", value):
+        raise BundleFormatError(f"manifest format_version {value!r} is not MAJOR.MINOR")
+    major, minor = (int(p) for p in value.split("."))
+    if major != FORMAT_VERSION[0]:
+        raise UnsupportedFormatVersion(
+            f"bundle format {value} is not readable by this runtime (it reads {FORMAT_VERSION[0]}.x)"
+        )
+    return major, minor
+
+
+def _parse_files(raw: Any) -> tuple[FileEntry, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise BundleFormatError("manifest files must be a non-empty list")
+    if len(raw) > MAX_FILES:
+        raise BundleFormatError(f"manifest lists {len(raw)} files; the limit is {MAX_FILES}")
+    entries: list[FileEntry] = []
+    seen: set[str] = set()
+    for item in raw:
+        if not isinstance(item, dict) or set(item) != {"path", "size", "sha256"}:
+            raise BundleFormatError(f"manifest file entry {item!r} must have exactly path, size and sha256")
+        path = check_member_path(item["path"])
+        size, digest = item["size"], item["sha256"]
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise BundleFormatError(f"manifest size of {path} must be a non-negative integer")
+        if not isinstance(digest, str) or not _SHA256_RE.match(digest):
+            raise BundleFormatError(f"manifest sha256 of {path} must be 64 lowercase hex digits")
+        folded = path.casefold()
+        if folded in seen:
+            raise BundleFormatError(f"manifest lists {path} twice (names are compared case-insensitively)")
+        seen.add(folded)
+        entries.append(FileEntry(path, size, digest))
+    return tuple(entries)

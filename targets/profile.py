@@ -1,0 +1,106 @@
+"""A device profile: what the packager builds for, and what the runtime expects to find.
+
+Profiles are data. The built-in ones live as JSON files beside this module
+(``profiles/*.json``) and a user can drop another JSON file into a profile folder
+(see ``edgephi.targets.registry``) without writing code; both are checked by ``Target``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, fields
+from typing import Any
+
+from edgephi.runtime.errors import ConfigError
+
+
+class Precision(str, enum.Enum):
+    """Weight precision of the exported decoder."""
+
+    INT4 = "int4"
+    INT8 = "int8"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+
+class ExecutionProvider(str, enum.Enum):
+    """onnxruntime execution provider the model is built for (the builder's ``-e``)."""
+
+    CPU = "cpu"
+    CUDA = "cuda"
+    DML = "dml"
+
+
+_BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One device class.
+
+    ``os``/``arch`` describe where the bundle runs (``any`` for portable CPU bundles);
+    ``block_size``, ``accuracy_level`` and ``symmetric`` are the INT4/INT8 recipe the
+    builder gets; ``threads`` 0 means "one per physical core" at run time.
+    """
+
+    name: str
+    description: str
+    execution_provider: ExecutionProvider
+    precision: Precision = Precision.INT4
+    os: str = "any"
+    arch: str = "any"
+    block_size: int = 32
+    accuracy_level: int = 4
+    symmetric: bool = True
+    threads: int = 0
+    ram_gb: float = 0.0
+    context: int = 2048
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"target name {self.name!r} must be letters, digits, '-' or '_'")
+        if self.block_size not in _BLOCK_SIZES:
+            raise ConfigError(f"target {self.name}: block_size {self.block_size} is not one of {_BLOCK_SIZES}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ConfigError(f"target {self.name}: accuracy_level must be 0-4, not {self.accuracy_level}")
+        if self.accuracy_level == 4 and self.execution_provider is not ExecutionProvider.CPU:
+            raise ConfigError(
+                f"target {self.name}: accuracy_level 4 (int8 activations) is a CPU setting, "
+                f"but execution_provider is {self.execution_provider.value}"
+            )
+        if self.precision is Precision.FP16 and self.execution_provider is ExecutionProvider.CPU:
+            raise ConfigError(
+                f"target {self.name}: precision fp16 needs a GPU execution_provider, not cpu "
+                "(the builder has no FP16 CPU model)"
+            )
+        if self.threads < 0:
+            raise ConfigError(f"target {self.name}: threads must be >= 0 (0 = one per core)")
+        if self.context < 64:
+            raise ConfigError(f"target {self.name}: context {self.context} is below the useful minimum of 64")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Target:
+        """Build a profile from JSON data, rejecting unknown keys by name."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"target profile has unknown keys {unknown}; known keys are {sorted(known)}")
+        values = dict(data)
+        try:
+            values["execution_provider"] = ExecutionProvider(values["execution_provider"])
+            if "precision" in values:
+                values["precision"] = Precision(values["precision"])
+            return cls(**values)
+        except KeyError as exc:
+            raise ConfigError(f"target profile is missing the key {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"target profile {data.get('name', '?')!r} is invalid: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.value if isinstance(value, enum.Enum) else value
+        return out
