@@ -84,10 +84,14 @@ class ExportRequest:
         args = [sys.executable, "-m", BUILDER_MODULE]
         args += ["-i", self.source] if self.source_is_local else ["-m", self.source]
         args += [
-            "-o", str(self.output_dir),
-            "-p", self.precision.value,
-            "-e", self.execution_provider.value,
-            "-c", str(self.cache_dir),
+            "-o",
+            str(self.output_dir),
+            "-p",
+            self.precision.value,
+            "-e",
+            self.execution_provider.value,
+            "-c",
+            str(self.cache_dir),
         ]
         extra = self.extra_options()
         if extra:
@@ -119,7 +123,8 @@ def check_option_names(names: tuple[str, ...] = OPTION_NAMES) -> None:
     unknown = sorted(set(names) - documented_options())
     if unknown:
         raise BuildError(
-            f"the installed model builder does not know the option(s) {unknown}; it would ignore them silently",
+            f"the installed model builder does not know the option(s) {unknown} "
+            "and would ignore them silently",
             hint="install a supported onnxruntime-genai: pip install 'onnxruntime-genai==0.18.*'",
         )
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
 from edgephi import targets
 from edgephi.packager.config import BuildConfig
 from edgephi.runtime import bundle, console
@@ -24,7 +23,12 @@ from edgephi.targets import Precision
 
 PROG = "edge-pack"
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, help="Pack language models into .phi bundles.")
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="Pack language models into .phi bundles.",
+)
 
 
 def _size(n: int) -> str:
@@ -40,11 +44,15 @@ def _size(n: int) -> str:
 def build(
     source: Annotated[str, typer.Argument(help="HF model folder, .gguf file, or hub model id (org/name).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Bundle to write (.phi).")],
-    target: Annotated[str, typer.Option("--target", help="Device profile; see `edge-pack targets`.")] = targets.DEFAULT,
+    target: Annotated[
+        str, typer.Option("--target", help="Device profile; see `edge-pack targets`.")
+    ] = targets.DEFAULT,
     precision: Annotated[
         Precision | None, typer.Option("--precision", "-p", help="Weight precision (default: the target's).")
     ] = None,
-    version: Annotated[str, typer.Option("--version", help="Semantic version of this model build.")] = "0.1.0",
+    version: Annotated[
+        str, typer.Option("--version", help="Semantic version of this model build.")
+    ] = "0.1.0",
     name: Annotated[str | None, typer.Option("--name", help="Model name (default: from the source).")] = None,
     context: Annotated[
         int | None, typer.Option("--context", help="Default context length shipped in the bundle.")
@@ -89,7 +97,10 @@ def inspect(
         ("architecture", str(m.model.get("architecture", "?"))),
         ("precision", m.precision),
         ("target", f"{m.target.get('name', '?')} ({m.target.get('execution_provider', '?')})"),
-        ("context", f"{m.model.get('default_context', '?')} default, {m.model.get('context_length', '?')} max"),
+        (
+            "context",
+            f"{m.model.get('default_context', '?')} default, {m.model.get('context_length', '?')} max",
+        ),
         ("weights", _size(m.memory.get("weights_bytes", 0))),
         ("KV cache", f"{_size(m.memory.get('kv_bytes_per_token', 0))} per token"),
         ("chat template", "yes" if m.chat_template else "no"),

@@ -37,7 +37,10 @@ class BuildConfig:
             )
         if self.context is not None and self.context < 64:
             raise ConfigError(f"context {self.context} is below the useful minimum of 64 tokens")
-        if self.effective_precision is Precision.FP16 and self.target.execution_provider is ExecutionProvider.CPU:
+        if (
+            self.effective_precision is Precision.FP16
+            and self.target.execution_provider is ExecutionProvider.CPU
+        ):
             raise ConfigError(
                 f"precision fp16 needs a GPU target, but target {self.target.name} runs on the CPU; "
                 "use int4, int8 or fp32 for CPU targets"
@@ -60,8 +63,11 @@ class BuildConfig:
             ("version", self.version),
             ("target", f"{self.target.name} ({self.target.execution_provider.value})"),
             ("precision", self.effective_precision.value),
-            ("quantisation", f"block {self.target.block_size}, accuracy level {self.target.accuracy_level}, "
-             f"{'symmetric' if self.target.symmetric else 'asymmetric'}"),
+            (
+                "quantisation",
+                f"block {self.target.block_size}, accuracy level {self.target.accuracy_level}, "
+                f"{'symmetric' if self.target.symmetric else 'asymmetric'}",
+            ),
             ("default context", f"{self.effective_context} tokens"),
         ]
         return "\n".join(f"  {k:<16}{v}" for k, v in rows)

@@ -38,12 +38,17 @@ def to_hf_folder(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
     except (ValueError, KeyError) as exc:
-        raise UnsupportedArchitecture(f"{gguf_path}: transformers cannot read this GGUF model: {exc}") from None
+        raise UnsupportedArchitecture(
+            f"{gguf_path}: transformers cannot read this GGUF model: {exc}"
+        ) from None
     except Exception as exc:
         raise NotAModel(f"{gguf_path} is not a readable GGUF model: {exc}") from None
     if not getattr(config, "architectures", None):
         # GGUF configs carry no architectures list; the class transformers picks is the one.
-        config.architectures = [AutoModelForCausalLM._model_mapping[type(config)].__name__]
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+        config.architectures = [arch] if isinstance(arch, str) else []
     check_architecture(config.to_dict(), str(gguf_path))
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     try:
@@ -51,7 +56,7 @@ def to_hf_folder(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
     except ImportError as exc:
         raise DependencyMissing(f"loading GGUF weights needs {exc.name or 'accelerate'}") from None
     model_cls = type(loaded)
-    clean = model_cls.config_class.from_dict(_clean_config(loaded.config.to_dict()))
+    clean = type(loaded.config).from_dict(_clean_config(loaded.config.to_dict()))
     clean.architectures = [model_cls.__name__]
     with torch.device("meta"):
         fresh = model_cls(clean)

@@ -110,7 +110,9 @@ def _build_in(config: BuildConfig, source: sources.Source, workdir: Path, progre
         symmetric=target.symmetric,
         tied_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
     )
-    progress(f"[2/5] exporting {precision.value} for {target.execution_provider.value} with the model builder")
+    progress(
+        f"[2/5] exporting {precision.value} for {target.execution_provider.value} with the model builder"
+    )
     builder.export(request)
     if not hf_config:
         hf_config = _downloaded_config(request.cache_dir)

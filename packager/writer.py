@@ -40,7 +40,9 @@ def write_bundle(output: Path, manifest: Manifest, model_dir: Path) -> Path:
             zf.writestr(_info(bundle.MANIFEST_MEMBER, len(raw), compress=False), raw)
             for entry in manifest.files:
                 src = model_dir.joinpath(*entry.path.split("/"))
-                info = _info(bundle.member_name(entry.path), entry.size, entry.path.endswith(_DEFLATE_SUFFIXES))
+                info = _info(
+                    bundle.member_name(entry.path), entry.size, entry.path.endswith(_DEFLATE_SUFFIXES)
+                )
                 with open(src, "rb") as fin, zf.open(info, "w", force_zip64=entry.size > 2**31) as fout:
                     shutil.copyfileobj(fin, fout, 1 << 20)
         # Read the archive back with the device's own checks before it replaces anything.

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
 from edgephi.runtime import console, loader
 from edgephi.runtime.chat import Conversation
 from edgephi.runtime.engine import Engine
@@ -27,7 +26,12 @@ from edgephi.runtime.store import Store
 
 PROG = "edge-run"
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, help="Run .phi model bundles on this device.")
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="Run .phi model bundles on this device.",
+)
 
 StoreOpt = Annotated[
     Path | None,
@@ -56,16 +60,22 @@ def run(
         int | None,
         typer.Option("--context", help="Context length in tokens (default: the bundle's)."),
     ] = None,
-    stats: Annotated[bool, typer.Option("--stats", help="Print a line of statistics after each answer.")] = False,
+    stats: Annotated[
+        bool, typer.Option("--stats", help="Print a line of statistics after each answer.")
+    ] = False,
     store: StoreOpt = None,
 ) -> None:
     """Chat with a model bundle, or answer one prompt."""
-    options = GenerationOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    options = GenerationOptions(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
+    )
     engine = loader.load(bundle, store=Store(store) if store else None, threads=threads, context=context)
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read().strip()
         if not prompt:
-            raise ConfigError("stdin was empty", hint="give a prompt with -p, pipe one in, or run on a terminal to chat")
+            raise ConfigError(
+                "stdin was empty", hint="give a prompt with -p, pipe one in, or run on a terminal to chat"
+            )
     conversation = Conversation(engine, system=system)
     if prompt is not None:
         _answer(conversation, prompt, options, stats)

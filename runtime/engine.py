@@ -100,7 +100,9 @@ class Engine:
         if not self.has_chat_template:
             return "\n\n".join(m["content"] for m in messages)
         try:
-            return str(self._tokenizer.apply_chat_template(json.dumps(list(messages)), add_generation_prompt=True))
+            return str(
+                self._tokenizer.apply_chat_template(json.dumps(list(messages)), add_generation_prompt=True)
+            )
         except Exception as exc:
             raise GenerationError(f"the model's chat template failed on these messages: {exc}") from None
 
@@ -121,9 +123,7 @@ class Engine:
         tokens = self._tokenizer.encode(prompt)
         n_prompt = len(tokens)
         if n_prompt >= self.context:
-            raise ContextOverflow(
-                f"the prompt is {n_prompt} tokens but the context holds {self.context}"
-            )
+            raise ContextOverflow(f"the prompt is {n_prompt} tokens but the context holds {self.context}")
         # og preallocates the KV cache for max_length, so ask only for what this answer can use.
         max_length = min(self.context, n_prompt + options.max_tokens)
         params = og.GeneratorParams(self._model)
@@ -133,7 +133,14 @@ class Engine:
         return self._loop(generator, decoder, tokens, n_prompt, max_length, options.max_tokens, start)
 
     def _loop(
-        self, generator: Any, decoder: Any, tokens: Any, n_prompt: int, max_length: int, max_tokens: int, start: float
+        self,
+        generator: Any,
+        decoder: Any,
+        tokens: Any,
+        n_prompt: int,
+        max_length: int,
+        max_tokens: int,
+        start: float,
     ) -> Iterator[str]:
         generated = 0
         first_at = 0.0

@@ -116,7 +116,9 @@ class Store:
             self._sweep_stale_staging()
             return Path(tempfile.mkdtemp(prefix="install-", dir=self.staging_dir))
         except OSError as exc:
-            raise StoreError(f"cannot create a staging directory in {self.root}: {exc.strerror or exc}") from None
+            raise StoreError(
+                f"cannot create a staging directory in {self.root}: {exc.strerror or exc}"
+            ) from None
 
     def _sweep_stale_staging(self) -> None:
         # A crashed install leaves its staging directory behind; clear old ones only, since a

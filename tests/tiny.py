@@ -20,7 +20,24 @@ import assets
 
 # Phi-3.5-mini-instruct's longrope factors (48 per list for head_dim 96), every third kept
 # for the scaled head_dim 32.
-_LONG = [1.08, 1.34, 1.62, 3.23, 7.7, 17.67, 30.42, 32.93, 50.34, 57.93, 62.61, 63.14, 63.93, 64.03, 64.12, 64.51]
+_LONG = [
+    1.08,
+    1.34,
+    1.62,
+    3.23,
+    7.7,
+    17.67,
+    30.42,
+    32.93,
+    50.34,
+    57.93,
+    62.61,
+    63.14,
+    63.93,
+    64.03,
+    64.12,
+    64.51,
+]
 _SHORT = [1.0, 1.03, 1.05, 1.05, 1.1, 1.16, 1.18, 1.34, 1.48, 1.65, 1.78, 1.92, 2.02, 2.05, 2.12, 2.17]
 
 SPECS: dict[str, dict[str, Any]] = {
@@ -49,7 +66,11 @@ SPECS: dict[str, dict[str, Any]] = {
             "tie_word_embeddings": False,
             "torch_dtype": "float32",
         },
-        "generation_config": {"bos_token_id": 1, "eos_token_id": [32007, 32001, 32000], "pad_token_id": 32000},
+        "generation_config": {
+            "bos_token_id": 1,
+            "eos_token_id": [32007, 32001, 32000],
+            "pad_token_id": 32000,
+        },
     },
     "llama": {
         "tokenizer": "llama-spm",

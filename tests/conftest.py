@@ -1,0 +1,72 @@
+"""Shared fixtures: real assets (cached), tiny real-architecture models, built bundles.
+
+Expensive things are built once per session: tiny models are cached on disk across
+sessions (they depend only on their spec); bundles are rebuilt each session, because the
+code that builds them is what is under test.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import assets  # noqa: E402
+import tiny  # noqa: E402
+from edgephi import targets  # noqa: E402
+from edgephi.packager.config import BuildConfig  # noqa: E402
+from edgephi.runtime.store import Store  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _isolated_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Every test gets its own model store and no user target profiles."""
+    home = tmp_path / "edgephi-home"
+    monkeypatch.setenv("EDGEPHI_HOME", str(home))
+    monkeypatch.setenv("EDGEPHI_TARGETS", str(tmp_path / "no-user-targets"))
+    monkeypatch.delenv("EDGEPHI_DEBUG", raising=False)
+    from edgephi.targets import registry
+
+    registry.reset()
+    yield home
+    registry.reset()
+
+
+@pytest.fixture
+def store(_isolated_store: Path) -> Store:
+    return Store(_isolated_store)
+
+
+def build_bundle(source: Path | str, out: Path, **kw: object) -> Path:
+    from edgephi.packager import pipeline
+
+    target = targets.get(str(kw.pop("target", "cpu")))
+    config = BuildConfig(source=str(source), output=out, target=target, **kw)  # type: ignore[arg-type]
+    pipeline.build(config)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bundles_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bundles")
+
+
+@pytest.fixture(scope="session")
+def phi3_dir() -> Path:
+    return tiny.tiny_model("phi3.5-mini")
+
+
+@pytest.fixture(scope="session")
+def phi3_bundle(phi3_dir: Path, bundles_dir: Path) -> Path:
+    return build_bundle(phi3_dir, bundles_dir / "phi35-tiny.phi", name="phi35-tiny", version="1.0.0")
+
+
+@pytest.fixture(scope="session")
+def smollm2_bundle(bundles_dir: Path) -> Path:
+    return build_bundle(assets.smollm2_gguf(), bundles_dir / "smollm2.phi")

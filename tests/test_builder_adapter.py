@@ -1,0 +1,57 @@
+"""The builder adapter: our option names exist in the installed builder, and its traps are avoided."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from edgephi.packager import builder
+from edgephi.runtime.errors import BuildError
+from edgephi.targets import ExecutionProvider, Precision
+
+
+def request(**kw: object) -> builder.ExportRequest:
+    base: dict = {
+        "source": "/m",
+        "source_is_local": True,
+        "output_dir": Path("/o"),
+        "cache_dir": Path("/c"),
+        "log_path": Path("/l"),
+        "precision": Precision.INT4,
+        "execution_provider": ExecutionProvider.CPU,
+    }
+    base.update(kw)
+    return builder.ExportRequest(**base)
+
+
+def test_every_option_we_pass_is_documented_by_the_installed_builder() -> None:
+    documented = builder.documented_options()
+    assert "block_size" in documented and "accuracy_level" in documented
+    builder.check_option_names()
+
+
+def test_an_unknown_or_renamed_option_is_caught() -> None:
+    with pytest.raises(BuildError, match="int4_block_size"):
+        builder.check_option_names(("int4_block_size",))
+
+
+def test_asymmetric_int4_with_tied_embeddings_unshares_them() -> None:
+    opts = request(symmetric=False, tied_embeddings=True).extra_options()
+    assert opts["is_symmetric"] == "false" and opts["shared_embeddings"] == "false"
+    assert "shared_embeddings" not in request(symmetric=True, tied_embeddings=True).extra_options()
+
+
+def test_float_precisions_get_no_quantisation_options() -> None:
+    opts = request(precision=Precision.FP32).extra_options()
+    assert "block_size" not in opts and "accuracy_level" not in opts
+
+
+def test_hub_ids_go_to_the_builder_as_model_names() -> None:
+    argv = request(source="org/name", source_is_local=False).argv()
+    assert argv[argv.index("-m", 3)] == "-m" and "org/name" in argv and "-i" not in argv
+
+
+def test_last_error_line_finds_the_exception(tmp_path: Path) -> None:
+    log = tmp_path / "b.log"
+    log.write_text("progress 1\nTraceback (most recent call last):\n  File x\nValueError: bad config\nbye\n")
+    assert builder.last_error_line(log) == "ValueError: bad config"

@@ -1,0 +1,176 @@
+"""The two CLIs as a user meets them: through typer's runner and as real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from edgephi.packager.cli import app as pack_app
+from edgephi.runtime.cli import app as run_app
+from edgephi.runtime.store import Store
+from typer.testing import CliRunner
+
+
+def exe(name: str) -> list[str]:
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    assert found, f"{name} is not installed (pip install -e .)"
+    return [found]
+
+
+def test_targets_command_lists_profiles() -> None:
+    result = CliRunner().invoke(pack_app, ["targets"])
+    assert result.exit_code == 0
+    assert "rpi5" in result.stdout and "android-arm64" in result.stdout
+
+
+def test_inspect_shows_the_bundle(phi3_bundle: Path) -> None:
+    result = CliRunner().invoke(pack_app, ["inspect", str(phi3_bundle)])
+    assert result.exit_code == 0, result.output
+    assert "phi35-tiny 1.0.0" in result.stdout and "Phi3ForCausalLM" in result.stdout
+    data = json.loads(CliRunner().invoke(pack_app, ["inspect", str(phi3_bundle), "--json"]).stdout)
+    assert data["name"] == "phi35-tiny" and len(data["digest"]) == 64
+
+
+def test_edge_run_as_a_process_streams_an_answer(phi3_bundle: Path) -> None:
+    proc = subprocess.run(
+        [*exe("edge-run"), str(phi3_bundle), "-p", "Hi", "-n", "8", "-t", "0", "--stats"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+    assert "8 generated" in proc.stderr  # stats go to stderr, the answer alone to stdout
+
+
+def test_piped_stdin_is_the_prompt(phi3_bundle: Path) -> None:
+    direct = subprocess.run(
+        [*exe("edge-run"), str(phi3_bundle), "-p", "Hi there", "-n", "8", "-t", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    piped = subprocess.run(
+        [*exe("edge-run"), str(phi3_bundle), "-n", "8", "-t", "0"],
+        input="Hi there\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout == direct.stdout
+
+
+def test_interactive_chat_on_a_terminal(phi3_bundle: Path) -> None:
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [*exe("edge-run"), str(phi3_bundle), "-n", "6", "-t", "0", "--stats"],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        close_fds=True,
+    )
+    os.close(slave)
+    seen = b""
+
+    def wait_for(count: int, marker: bytes, timeout: float = 60.0) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while seen.count(marker) < count and time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:
+                    break
+        assert seen.count(marker) >= count, seen.decode(errors="replace")
+
+    try:
+        wait_for(1, b"> ")
+        os.write(master, b"first question\n")
+        wait_for(1, b"6 generated")
+        os.write(master, b"second question\n")
+        wait_for(2, b"6 generated")
+        os.write(master, b"/exit\n")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    first, second = (int(n) for n in re.findall(rb"\[(\d+) prompt tokens", seen))
+    assert second > first + 6  # the second prompt carries the first exchange
+
+
+def test_corrupt_bundle_is_refused_in_one_line(phi3_bundle: Path, tmp_path: Path) -> None:
+    data = bytearray(phi3_bundle.read_bytes())
+    with zipfile.ZipFile(phi3_bundle) as zf:
+        info = zf.getinfo("model/model.onnx.data")
+    data[info.header_offset + 30 + len(info.filename) + len(info.extra) + 4096] ^= 0xFF
+    bad = tmp_path / "bad.phi"
+    bad.write_bytes(bytes(data))
+    proc = subprocess.run(
+        [*exe("edge-run"), str(bad), "-p", "Hi"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edge-run: error: model.onnx.data")
+    assert "fresh copy" in lines[0]
+    store = Store()
+    assert store.installed() == []
+    assert not store.staging_dir.exists() or list(store.staging_dir.iterdir()) == []
+
+
+def test_missing_bundle_is_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [*exe("edge-run"), str(tmp_path / "nope.phi"), "-p", "Hi"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"edge-run: error: {tmp_path / 'nope.phi'} does not exist — check the path to the .phi file"
+    ]
+
+
+def test_bad_option_is_exit_2_and_names_it(phi3_bundle: Path) -> None:
+    result = CliRunner().invoke(run_app, ["run", str(phi3_bundle), "-p", "x", "--top-p", "3"])
+    assert result.exit_code != 0
+    proc = subprocess.run(
+        [*exe("edge-run"), str(phi3_bundle), "-p", "x", "--top-p", "3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "top_p" in proc.stderr
+
+
+def test_debug_variable_shows_the_traceback(tmp_path: Path) -> None:
+    env = {**os.environ, "EDGEPHI_DEBUG": "1"}
+    proc = subprocess.run(
+        [*exe("edge-run"), str(tmp_path / "nope.phi"), "-p", "Hi"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_list_shows_installed_models(phi3_bundle: Path) -> None:
+    assert CliRunner().invoke(run_app, ["list"]).stdout == ""
+    Store().install(phi3_bundle)
+    result = CliRunner().invoke(run_app, ["list"])
+    assert "phi35-tiny\t1.0.0\tint4" in result.stdout
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"]])
+def test_help_works(argv: list[str]) -> None:
+    assert CliRunner().invoke(run_app, argv).exit_code == 0
