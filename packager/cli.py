@@ -2,6 +2,9 @@
 
     edge-pack build SOURCE -o model.phi [--target rpi5] [--precision int4] [--version 1.0.0]
     edge-pack inspect model.phi [--json]
+    edge-pack verify model.phi [--key publisher.pub]
+    edge-pack keygen publisher.key            (writes publisher.key and publisher.key.pub)
+    edge-pack sign model.phi --key publisher.key [-o signed.phi]
     edge-pack targets
 
 A thin shell over ``edgephi.packager.pipeline``: options become a ``BuildConfig``, the
@@ -18,7 +21,7 @@ from typing import Annotated
 import typer
 from edgephi import targets
 from edgephi.packager.config import BuildConfig
-from edgephi.runtime import bundle, console
+from edgephi.runtime import bundle, console, signing
 from edgephi.targets import Precision
 
 PROG = "edge-pack"
@@ -57,6 +60,10 @@ def build(
     context: Annotated[
         int | None, typer.Option("--context", help="Default context length shipped in the bundle.")
     ] = None,
+    sign_key: Annotated[
+        Path | None,
+        typer.Option("--sign-key", help="Sign the bundle with this private key (edge-pack keygen)."),
+    ] = None,
     keep_workdir: Annotated[bool, typer.Option("--keep-workdir", help="Keep intermediate files.")] = False,
 ) -> None:
     """Build a bundle from a model."""
@@ -70,6 +77,7 @@ def build(
         name=name,
         precision=precision,
         context=context,
+        sign_key=sign_key,
         keep_workdir=keep_workdir,
     )
     console.info("edge-pack build\n" + config.display())
@@ -90,7 +98,9 @@ def inspect(
     info = bundle.open_bundle(path)
     m = info.manifest
     if as_json:
-        print(json.dumps({**m.to_dict(), "digest": m.digest}, indent=2))
+        print(
+            json.dumps({**m.to_dict(), "digest": m.digest, "signature": info.verification.status}, indent=2)
+        )
         return
     rows = [
         ("model", f"{m.name} {m.version}"),
@@ -104,6 +114,11 @@ def inspect(
         ("weights", _size(m.memory.get("weights_bytes", 0))),
         ("KV cache", f"{_size(m.memory.get('kv_bytes_per_token', 0))} per token"),
         ("chat template", "yes" if m.chat_template else "no"),
+        ("signature", f"signed by {', '.join(m.signed_by)}" if m.signed_by else "unsigned"),
+        (
+            "requires",
+            f"edgephi runtime >= {m.requires.get('runtime', '?')}, {m.target.get('arch', 'any')} CPU",
+        ),
         ("source", f"{m.source.get('kind', '?')} {m.source.get('ref', '')}"),
         ("built", f"{m.created_at} with " + ", ".join(f"{k} {v}" for k, v in m.created_by.items())),
         ("digest", m.digest),
@@ -113,6 +128,51 @@ def inspect(
     print(f"files ({len(m.files)}, {_size(m.total_size)}):")
     for f in m.files:
         print(f"  {f.path:<40}{_size(f.size):>12}  {f.sha256[:16]}")
+
+
+KeysOpt = Annotated[
+    list[Path] | None, typer.Option("--key", help="Publisher public key(s) the signature must verify with.")
+]
+
+
+@app.command()
+def verify(path: Annotated[Path, typer.Argument(help="A .phi bundle.")], key: KeysOpt = None) -> None:
+    """Check every file's hash and, with --key, the signature; exit 1 on any mismatch."""
+    trusted = {k.key_id: k for k in (signing.load_public_key(p) for p in key or [])}
+    info = bundle.verify_content(path, bundle.TrustPolicy(trusted))
+    m = info.manifest
+    print(f"OK {path}: {m.name} {m.version}, {len(m.files)} files, {info.verification.describe()}")
+    if not trusted:
+        console.info("(no --key given: the signature, if any, was not checked)")
+
+
+@app.command()
+def keygen(
+    path: Annotated[
+        Path, typer.Argument(help="Private key file to create; the public key goes to PATH.pub.")
+    ],
+    comment: Annotated[str, typer.Option("--comment", help="A label stored with the public key.")] = "",
+) -> None:
+    """Create an Ed25519 key pair for signing bundles."""
+    key = signing.SigningKey.generate()
+    public = key.save(path, comment)
+    print(f"private key {path} (keep it secret), public key {public}, key id {key.key_id}")
+
+
+@app.command()
+def sign(
+    path: Annotated[Path, typer.Argument(help="The .phi bundle to sign.")],
+    key: Annotated[Path, typer.Option("--key", help="Private key (edge-pack keygen).")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write here (default: in place).")
+    ] = None,
+) -> None:
+    """(Re-)sign an existing bundle without rebuilding it; its content is verified first."""
+    from edgephi.packager import writer
+
+    signing_key = signing.SigningKey.load(key)
+    manifest = writer.resign(path, output or path, [signing_key])
+    print(f"signed {output or path}: {manifest.name} {manifest.version} by key {signing_key.key_id}")
 
 
 @app.command("targets")

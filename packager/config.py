@@ -22,6 +22,7 @@ class BuildConfig:
     name: str | None = None
     precision: Precision | None = None
     context: int | None = None
+    sign_key: Path | None = None
     keep_workdir: bool = False
 
     def __post_init__(self) -> None:
@@ -69,5 +70,6 @@ class BuildConfig:
                 f"{'symmetric' if self.target.symmetric else 'asymmetric'}",
             ),
             ("default context", f"{self.effective_context} tokens"),
+            ("signing key", str(self.sign_key) if self.sign_key else "(unsigned)"),
         ]
         return "\n".join(f"  {k:<16}{v}" for k, v in rows)

@@ -58,16 +58,14 @@ def model_facts(model_dir: Path, hf_config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def memory_facts(files: list[FileEntry], model: dict[str, Any], kv_dtype: str = "float32") -> dict[str, int]:
+def memory_facts(files: list[FileEntry], model: dict[str, Any]) -> dict[str, int]:
     weights = sum(f.size for f in files if f.path.endswith(_WEIGHT_SUFFIXES))
-    kv = (
-        2
-        * model["num_hidden_layers"]
-        * model["num_key_value_heads"]
-        * model["head_size"]
-        * _KV_BYTES[kv_dtype]
-    )
-    return {"weights_bytes": weights, "kv_bytes_per_token": kv}
+    per_element = 2 * model["num_hidden_layers"] * model["num_key_value_heads"] * model["head_size"]
+    return {
+        "weights_bytes": weights,
+        "kv_bytes_per_token": per_element * _KV_BYTES["float32"],
+        "kv_bytes_per_token_fp16": per_element * _KV_BYTES["float16"],
+    }
 
 
 def file_entries(model_dir: Path) -> list[FileEntry]:

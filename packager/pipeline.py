@@ -10,7 +10,8 @@ The steps, each a function from inputs to outputs inside one work directory:
 4. ``finalize``  — set the shipped default context, hash every file, describe the model
    and its memory needs in the manifest (``packager.finalize``);
 5. ``validate``  — load the result in onnxruntime-genai and generate (``packager.validate``);
-6. ``write``     — write the archive atomically (``packager.writer``).
+6. ``write``     — check the files as a device would, sign, write the archive atomically
+   and read it back (``packager.writer``).
 
 Nothing is written at the output path unless every step succeeded; the work directory is
 removed afterwards (kept with ``keep_workdir`` for debugging).
@@ -29,9 +30,11 @@ from typing import Any
 
 from edgephi.packager import builder, finalize, sources, validate, writer
 from edgephi.packager.config import BuildConfig
+from edgephi.runtime.bundle import MIN_RUNTIME
 from edgephi.runtime.errors import BuildError
 from edgephi.runtime.fsutil import remove_tree
 from edgephi.runtime.manifest import Manifest
+from edgephi.runtime.signing import SigningKey
 
 Progress = Callable[[str], None]
 
@@ -67,12 +70,14 @@ def _downloaded_config(cache_dir: Path) -> dict[str, Any]:
 
 def build(config: BuildConfig, progress: Progress = lambda _msg: None) -> BuildResult:
     source = sources.resolve(config.source)
+    # Load the key before hours of work, not after.
+    keys = [SigningKey.load(config.sign_key)] if config.sign_key else []
     # Work beside the output: same disk the user chose for the result, and not /tmp, which
     # is often a small RAM disk while a dequantised checkpoint is several GB.
     config.output.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=".edgepack-", dir=config.output.parent))
     try:
-        return _build_in(config, source, workdir, progress)
+        return _build_in(config, source, keys, workdir, progress)
     finally:
         if config.keep_workdir:
             progress(f"work directory kept: {workdir}")
@@ -80,7 +85,9 @@ def build(config: BuildConfig, progress: Progress = lambda _msg: None) -> BuildR
             remove_tree(workdir)
 
 
-def _build_in(config: BuildConfig, source: sources.Source, workdir: Path, progress: Progress) -> BuildResult:
+def _build_in(
+    config: BuildConfig, source: sources.Source, keys: list[SigningKey], workdir: Path, progress: Progress
+) -> BuildResult:
     hf_config = source.config
     builder_input = source.ref
     if source.kind == "gguf":
@@ -134,6 +141,7 @@ def _build_in(config: BuildConfig, source: sources.Source, workdir: Path, progre
         source={"kind": source.kind, "ref": Path(source.ref).name if source.kind != "hf-id" else source.ref},
         model=model,
         memory=finalize.memory_facts(files, model),
+        requires={"runtime": MIN_RUNTIME},
         chat_template=chat_template,
     )
 
@@ -144,9 +152,9 @@ def _build_in(config: BuildConfig, source: sources.Source, workdir: Path, progre
         smoke = ""
         progress(f"      (skipped: {target.execution_provider.value} models cannot run on this CPU host)")
 
-    progress(f"[5/5] writing {config.output}")
+    progress(f"[5/5] writing {config.output}" + (f", signed by {keys[0].key_id}" if keys else ""))
     try:
-        writer.write_bundle(config.output, manifest, onnx_dir)
+        manifest = writer.write_bundle(config.output, manifest, onnx_dir, keys)
     except OSError as exc:
         raise BuildError(f"cannot write {config.output}: {exc.strerror or exc}") from None
     return BuildResult(config.output, manifest, smoke)

@@ -9,10 +9,11 @@ transformers, onnx and the packager are never imported from here.
         print(chunk, end="")
 """
 
+from edgephi.runtime.__about__ import VERSION
 from edgephi.runtime.errors import EdgeError
 from edgephi.runtime.loader import install, load
 from edgephi.runtime.options import GenerationOptions
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 __all__ = ["EdgeError", "GenerationOptions", "__version__", "install", "load"]

@@ -127,7 +127,33 @@ def list_models(store: StoreOpt = None) -> None:
         print(f"{m.manifest.name}\t{m.manifest.version}\t{m.manifest.precision}\t{m.path}")
 
 
-_COMMANDS = {"run", "list"}
+trust_app = typer.Typer(help="Manage the publisher keys this device trusts.", no_args_is_help=True)
+app.add_typer(trust_app, name="trust")
+
+
+@trust_app.command("add")
+def trust_add(
+    key: Annotated[Path, typer.Argument(help="A publisher's public key (from edge-pack keygen).")],
+    store: StoreOpt = None,
+) -> None:
+    """Trust a publisher key; from then on only bundles signed by a trusted key run."""
+    trust = (Store(store) if store else Store()).trust
+    added = trust.add(key)
+    print(f"trusted key {added.key_id} ({trust.folder}); unsigned bundles are now refused")
+
+
+@trust_app.command("list")
+def trust_list(store: StoreOpt = None) -> None:
+    """List the trusted publisher keys."""
+    trust = (Store(store) if store else Store()).trust
+    keys = trust.keys()
+    if not keys:
+        console.info(f"no trusted keys in {trust.folder}: unsigned bundles run, with a warning")
+    for kid, key in keys.items():
+        print(f"{kid}\t{key.comment}")
+
+
+_COMMANDS = {"run", "list", "trust"}
 
 
 def main(argv: list[str] | None = None) -> None:

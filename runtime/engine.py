@@ -92,6 +92,7 @@ class Engine:
         except Exception as exc:  # og raises plain RuntimeError/OSError with its own text
             raise GenerationError(f"onnxruntime-genai could not load {self.model_dir}: {exc}") from None
         self.last_stats: Stats | None = None
+        self.verification: Any = None  # set by the loader: how the bundle's origin was checked
 
     # --- prompts ------------------------------------------------------------------------
 

@@ -104,6 +104,30 @@ class IntegrityError(TamperError, ValueError):
     """A member's hash or size does not match the manifest."""
 
 
+class SignatureError(TamperError, ValueError):
+    """The manifest's signature is missing, invalid, or from a key this device does not trust."""
+
+    hint = "get the bundle from its publisher, or add the publisher's key with `edge-run trust add KEY.pub`"
+
+
+class UnsafeBundle(BundleFormatError):
+    """The bundle asks the runtime to load code, write files or read outside the bundle."""
+
+    hint = "do not use this file; rebuild it with `edge-pack build`"
+
+
+class IncompatibleBundle(BundleError, ValueError):
+    """A valid bundle built for another device (architecture, provider, runtime version)."""
+
+    hint = "build one for this device with `edge-pack build --target …` (see `edge-pack targets`)"
+
+
+class KeyFileError(EdgeError, ValueError):
+    """A signing or public key file cannot be read."""
+
+    hint = "create a key pair with `edge-pack keygen`"
+
+
 # --- the device store --------------------------------------------------------------------
 
 

@@ -1,33 +1,59 @@
 """The Python entry point of the device runtime: ``load("model.phi")`` → a ready ``Engine``.
 
-A ``.phi`` file is verified and installed into the store first (a second load reuses the
-installed copy); an already unpacked model folder is loaded as it is. Before loading, the
-bundle's target is checked against what this runtime can execute.
+A ``.phi`` file is verified (signature policy, hashes, model checks) and installed into
+the store first; a second load reuses the installed copy. An already unpacked model
+folder is loaded as it is. Before loading, the bundle's target is checked against this
+device: CPU architecture, execution provider and the runtime version it needs.
 """
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
+from edgephi.runtime import __about__
+from edgephi.runtime.bundle import TrustPolicy, open_bundle
 from edgephi.runtime.engine import Engine
-from edgephi.runtime.errors import BundleNotFound, ConfigError
-from edgephi.runtime.manifest import Manifest
+from edgephi.runtime.errors import BundleNotFound, IncompatibleBundle
+from edgephi.runtime.manifest import Manifest, version_key
 from edgephi.runtime.store import InstalledModel, Store
 
+_ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8": "aarch64"}
 
-def install(bundle_path: Path, store: Store | None = None) -> InstalledModel:
+
+def machine_arch() -> str:
+    machine = platform.machine().lower()
+    return _ARCH_ALIASES.get(machine, machine)
+
+
+def install(
+    bundle_path: Path, store: Store | None = None, *, insecure_skip_verify: bool = False
+) -> InstalledModel:
     """Verify and unpack a bundle (or find its installed copy) without loading it."""
-    return (store or Store()).install(Path(bundle_path))
+    store = store or Store()
+    policy = TrustPolicy.from_store(store.trust, skip=insecure_skip_verify)
+    return store.install(Path(bundle_path), policy)
 
 
-def check_runnable(manifest: Manifest) -> None:
-    """Refuse a bundle built for an execution provider this runtime cannot use."""
+def check_runnable(manifest: Manifest, arch: str | None = None) -> None:
+    """Refuse a bundle built for another CPU, another execution provider or a newer runtime."""
+    what = f"{manifest.name} {manifest.version} (target {manifest.target.get('name', '?')})"
     provider = str(manifest.target.get("execution_provider", "cpu"))
     if provider != "cpu":
-        raise ConfigError(
-            f"{manifest.name} {manifest.version} was built for the {provider} execution provider "
-            f"(target {manifest.target.get('name', '?')}); this runtime runs CPU bundles",
-            hint="rebuild it with `edge-pack build --target cpu` (or a CPU device target)",
+        raise IncompatibleBundle(
+            f"{what} was built for the {provider} execution provider; this runtime runs CPU bundles"
+        )
+    wanted = _ARCH_ALIASES.get(
+        str(manifest.target.get("arch", "any")).lower(), str(manifest.target.get("arch", "any"))
+    )
+    here = arch or machine_arch()
+    if wanted not in ("any", here):
+        raise IncompatibleBundle(f"{what} was built for {wanted} CPUs; this device is {here}")
+    needed = manifest.requires.get("runtime")
+    if needed and version_key(needed) > version_key(__about__.VERSION):
+        raise IncompatibleBundle(
+            f"{what} needs edgephi runtime {needed} or newer; this is {__about__.VERSION}",
+            hint="upgrade the runtime on this device: pip install -U edgephi",
         )
 
 
@@ -37,6 +63,7 @@ def load(
     store: Store | None = None,
     threads: int | None = None,
     context: int | None = None,
+    insecure_skip_verify: bool = False,
 ) -> Engine:
     """Load a bundle or an unpacked model folder, ready to ``stream()`` from."""
     path = Path(source)
@@ -50,8 +77,13 @@ def load(
         return Engine(path, threads=threads, context=context, chat_template=has_template)
     if not path.exists():
         raise BundleNotFound(f"{path} does not exist")
-    installed = install(path, store)
-    check_runnable(installed.manifest)
-    return Engine(
+    store = store or Store()
+    policy = TrustPolicy.from_store(store.trust, skip=insecure_skip_verify)
+    # Refuse a bundle for another device before spending time and disk on unpacking it.
+    check_runnable(open_bundle(path, policy).manifest)
+    installed = store.install(path, policy)
+    engine = Engine(
         installed.path, threads=threads, context=context, chat_template=installed.manifest.chat_template
     )
+    engine.verification = installed.verification
+    return engine

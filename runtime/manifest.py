@@ -19,8 +19,11 @@ Keys, in ``manifest.json``:
 ``model``                 ``architecture``, ``model_type``, ``context_length``, ``vocab_size``
 ``precision``             int4 / int8 / fp16 / fp32
 ``target``                the device profile the bundle was built for (``name``, ``execution_provider``, …)
-``memory``                ``weights_bytes`` and ``kv_bytes_per_token`` (fp32 KV cache, CPU)
+``memory``                ``weights_bytes``, ``kv_bytes_per_token`` (fp32 KV cache, CPU) and
+                          ``kv_bytes_per_token_fp16``
+``requires``              ``runtime``: the oldest edgephi runtime version that can run it
 ``chat_template``         true when the bundle carries a chat template
+``signed_by``             key ids (16 hex digits) whose signatures ``manifest.sig`` carries
 ``files``                 list of ``{path, size, sha256}``, one per model file, sorted by path
 ========================  ==================================================================
 """
@@ -43,6 +46,7 @@ _SEMVER_RE = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-([0-9A-Za-z.-]+))?(?:\+([0-9A-Za-z.-]+))?$"
 )
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_KEY_ID_RE = re.compile(r"^[0-9a-f]{16}$")
 _PATH_PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 _PRECISIONS = ("int4", "int8", "fp16", "fp32")
 _REQUIRED = ("format", "format_version", "name", "version", "precision", "target", "files")
@@ -56,6 +60,18 @@ def is_valid_name(name: str) -> bool:
 
 def is_valid_version(version: str) -> bool:
     return bool(_SEMVER_RE.match(version))
+
+
+def version_key(version: str) -> tuple[int, int, int, int, tuple[tuple[int, int | str], ...]]:
+    """A sort key that orders semantic versions by precedence (1.0.0-rc.1 < 1.0.0 < 1.0.1)."""
+    m = _SEMVER_RE.match(version)
+    if not m:
+        raise ValueError(f"{version!r} is not a semantic version")
+    major, minor, patch, pre = int(m[1]), int(m[2]), int(m[3]), m[4]
+    if pre is None:
+        return (major, minor, patch, 1, ())
+    parts = tuple((0, int(p)) if p.isdigit() else (1, p) for p in pre.split("."))
+    return (major, minor, patch, 0, parts)
 
 
 def check_member_path(path: str) -> str:
@@ -97,7 +113,9 @@ class Manifest:
     source: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
     memory: dict[str, int] = field(default_factory=dict)
+    requires: dict[str, str] = field(default_factory=dict)
     chat_template: bool = False
+    signed_by: tuple[str, ...] = ()
 
     # --- serialisation ------------------------------------------------------------------
 
@@ -114,7 +132,9 @@ class Manifest:
             "precision": self.precision,
             "target": dict(self.target),
             "memory": dict(self.memory),
+            "requires": dict(self.requires),
             "chat_template": self.chat_template,
+            "signed_by": list(self.signed_by),
             "files": [f.to_dict() for f in self.files],
         }
 
@@ -164,7 +184,7 @@ class Manifest:
             raise BundleFormatError(f"manifest version {version!r} is not a semantic version like 1.0.0")
         if precision not in _PRECISIONS:
             raise BundleFormatError(f"manifest precision {precision!r} is not one of {_PRECISIONS}")
-        for key in ("target", "created_by", "source", "model", "memory"):
+        for key in ("target", "created_by", "source", "model", "memory", "requires"):
             if not isinstance(data.get(key, {}), dict):
                 raise BundleFormatError(f"manifest {key} must be an object")
         if not isinstance(data.get("chat_template", False), bool):
@@ -174,6 +194,18 @@ class Manifest:
         memory = data.get("memory", {})
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in memory.values()):
             raise BundleFormatError("manifest memory values must be non-negative integers")
+        requires = data.get("requires", {})
+        if any(not isinstance(v, str) for v in requires.values()):
+            raise BundleFormatError("manifest requires values must be strings")
+        if "runtime" in requires and not is_valid_version(requires["runtime"]):
+            raise BundleFormatError(f"manifest requires.runtime {requires['runtime']!r} is not a version")
+        signed_by = data.get("signed_by", [])
+        if not isinstance(signed_by, list) or any(
+            not isinstance(k, str) or not _KEY_ID_RE.match(k) for k in signed_by
+        ):
+            raise BundleFormatError("manifest signed_by must be a list of 16-hex-digit key ids")
+        if len(set(signed_by)) != len(signed_by):
+            raise BundleFormatError("manifest signed_by lists a key twice")
         files = _parse_files(data["files"])
         return cls(
             name=name,
@@ -187,7 +219,9 @@ class Manifest:
             source=data.get("source", {}),
             model=data.get("model", {}),
             memory=memory,
+            requires=requires,
             chat_template=data.get("chat_template", False),
+            signed_by=tuple(signed_by),
         )
 
 

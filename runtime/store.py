@@ -7,12 +7,15 @@ Layout under the store root (``EDGEPHI_HOME``, else ``$XDG_DATA_HOME/edgephi``, 
         manifest.json                                 the manifest it was verified against
         <model files>
     staging/<random>/                                 an install in progress
+    trusted-keys/*.pub                                the trust store (unless EDGEPHI_TRUST is set)
 
-An install unpacks and hashes into a fresh staging directory on the same file system,
-then renames it into place in one step: a crash leaves a stale staging directory (swept
-on the next install) but never a half-installed model. Installed copies are keyed by the
-manifest digest, so running the same bundle again reuses its copy without re-hashing,
-and a different build of the same version gets its own directory.
+An install checks the signature policy, unpacks and hashes into a fresh staging
+directory on the same file system, checks what the model files ask of the runtime
+(``edgephi.runtime.modelcheck``), then renames it into place in one step: a crash
+leaves a stale staging directory (swept on the next install) but never a half-installed
+model. Installed copies are keyed by the manifest digest, so running the same bundle
+again reuses its copy without re-hashing, and a different build of the same version
+gets its own directory.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgephi.runtime import bundle
+from edgephi.runtime import bundle, modelcheck
 from edgephi.runtime.errors import BundleFormatError, EdgeError, StoreError
 from edgephi.runtime.fsutil import atomic_write_bytes, fsync_dir, remove_tree
 from edgephi.runtime.manifest import Manifest
+from edgephi.runtime.signing import TrustStore
 
 _STALE_STAGING_S = 24 * 3600
 
@@ -45,6 +49,7 @@ class InstalledModel:
     path: Path
     manifest: Manifest
     reused: bool
+    verification: bundle.Verification | None = None
 
 
 class Store:
@@ -64,17 +69,28 @@ class Store:
     def install_dir(self, manifest: Manifest) -> Path:
         return self.models_dir / manifest.name / f"{manifest.version}-{manifest.digest[:16]}"
 
-    def install(self, bundle_path: Path) -> InstalledModel:
-        """Verify and unpack ``bundle_path``, or reuse the copy installed from the same manifest."""
-        info = bundle.open_bundle(Path(bundle_path))
+    @property
+    def trust(self) -> TrustStore:
+        return TrustStore.default(self.root)
+
+    def install(self, bundle_path: Path, policy: bundle.TrustPolicy | None = None) -> InstalledModel:
+        """Verify and unpack ``bundle_path``, or reuse the copy installed from the same manifest.
+
+        The signature policy is checked on every call, also when an installed copy is
+        reused, so adding a trust store takes effect for models installed before it.
+        """
+        policy = policy or bundle.TrustPolicy.from_store(self.trust)
+        info = bundle.open_bundle(Path(bundle_path), policy)
         final = self.install_dir(info.manifest)
         if self._is_installed(final, info.manifest):
-            return InstalledModel(final, info.manifest, reused=True)
+            return InstalledModel(final, info.manifest, reused=True, verification=info.verification)
         staging = self._new_staging()
         try:
-            manifest = bundle.extract(info.path, staging)
+            extracted = bundle.extract(info.path, staging, policy)
+            manifest = extracted.manifest
             if manifest.digest != info.manifest.digest:
                 raise BundleFormatError("the bundle changed while it was being installed")
+            modelcheck.check_model_dir(staging, {f.path for f in manifest.files})
             atomic_write_bytes(staging / bundle.MANIFEST_MEMBER, manifest.canonical_bytes())
             fsync_dir(staging)
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -83,10 +99,10 @@ class Store:
             except OSError:
                 # Another process installed the same manifest first; theirs is as good as ours.
                 if self._is_installed(final, manifest):
-                    return InstalledModel(final, manifest, reused=True)
+                    return InstalledModel(final, manifest, reused=True, verification=info.verification)
                 raise
             fsync_dir(final.parent)
-            return InstalledModel(final, manifest, reused=False)
+            return InstalledModel(final, manifest, reused=False, verification=info.verification)
         except OSError as exc:
             if isinstance(exc, EdgeError):
                 raise

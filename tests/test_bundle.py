@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import zipfile
 from pathlib import Path
@@ -21,14 +20,42 @@ from edgephi.runtime.manifest import Manifest
 from edgephi.runtime.store import Store
 
 
+def onnx_with_external_data(location: str) -> bytes:
+    """A small real ONNX model whose one initializer lives in external data at ``location``."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    weight = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[4])
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "16")):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    node = helper.make_node("Add", ["x", "w"], ["y"])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        initializer=[weight],
+    )
+    return bytes(onnx.helper.make_model(graph).SerializeToString())
+
+
+GENAI = {"model": {"type": "llama", "decoder": {"filename": "model.onnx", "session_options": {"log_id": "x"}}}}
+
+
 def make_model_dir(root: Path) -> Path:
     d = root / "model"
     d.mkdir()
-    (d / "genai_config.json").write_text(json.dumps({"model": {"type": "llama"}}))
-    (d / "model.onnx").write_bytes(b"\x08\x07onnx-graph" * 100)
+    (d / "genai_config.json").write_text(json.dumps(GENAI))
+    (d / "model.onnx").write_bytes(onnx_with_external_data("model.onnx.data"))
     (d / "model.onnx.data").write_bytes(bytes(range(256)) * 400)
     (d / "tokenizer.json").write_text(json.dumps({"vocab": ["a", "b"]}))
     return d
+
+
+def canonical(data: dict) -> bytes:  # type: ignore[type-arg]
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def make_manifest(model_dir: Path, **over: object) -> Manifest:
@@ -50,7 +77,9 @@ def model_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def good(tmp_path: Path, model_dir: Path) -> Path:
-    return writer.write_bundle(tmp_path / "tiny.phi", make_manifest(model_dir), model_dir)
+    out = tmp_path / "tiny.phi"
+    writer.write_bundle(out, make_manifest(model_dir), model_dir)
+    return out
 
 
 def rezip(src: Path, dst: Path, edit) -> Path:  # type: ignore[no-untyped-def]
@@ -79,9 +108,9 @@ def test_round_trip(good: Path, store: Store, model_dir: Path) -> None:
 
 def test_writing_is_deterministic(tmp_path: Path, model_dir: Path) -> None:
     m = make_manifest(model_dir)
-    a = writer.write_bundle(tmp_path / "a.phi", m, model_dir).read_bytes()
-    b = writer.write_bundle(tmp_path / "b.phi", m, model_dir).read_bytes()
-    assert hashlib.sha256(a).digest() == hashlib.sha256(b).digest()
+    writer.write_bundle(tmp_path / "a.phi", m, model_dir)
+    writer.write_bundle(tmp_path / "b.phi", m, model_dir)
+    assert (tmp_path / "a.phi").read_bytes() == (tmp_path / "b.phi").read_bytes()
 
 
 def test_flipped_byte_in_weights_is_refused_and_store_untouched(
@@ -182,7 +211,7 @@ def test_newer_major_format_version_asks_for_an_upgrade(good: Path, store: Store
         info, raw = members[0]
         data = json.loads(raw)
         data["format_version"] = "2.0"
-        return [(info, json.dumps(data).encode()), *members[1:]]
+        return [(info, canonical(data)), *members[1:]]
 
     with pytest.raises(UnsupportedFormatVersion, match=r"2\.0"):
         store.install(rezip(good, tmp_path / "v2.phi", bump))
@@ -193,7 +222,7 @@ def test_newer_minor_format_version_is_read(good: Path, store: Store, tmp_path: 
         info, raw = members[0]
         data = json.loads(raw)
         data["format_version"] = "1.7"
-        return [(info, json.dumps(data).encode()), *members[1:]]
+        return [(info, canonical(data)), *members[1:]]
 
     assert store.install(rezip(good, tmp_path / "v17.phi", bump)).manifest.format_version == "1.7"
 
@@ -203,7 +232,7 @@ def test_manifest_hash_edit_is_detected(good: Path, store: Store, tmp_path: Path
         info, raw = members[0]
         data = json.loads(raw)
         data["files"][0]["sha256"] = "f" * 64
-        return [(info, json.dumps(data).encode()), *members[1:]]
+        return [(info, canonical(data)), *members[1:]]
 
     with pytest.raises(IntegrityError, match="sha256 mismatch"):
         store.install(rezip(good, tmp_path / "edit.phi", edit))

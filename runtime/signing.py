@@ -1,0 +1,223 @@
+"""Ed25519 signatures over the canonical manifest bytes, and the device's trust store.
+
+A bundle's ``manifest.sig`` member (JSON) holds one or more detached signatures::
+
+    {"signatures": [{"keyid": "<16 hex>", "algorithm": "ed25519", "signature": "<base64>"}]}
+
+Each signs ``Manifest.canonical_bytes()``; since the manifest lists every file's size and
+sha256, one signature covers the whole bundle. The key id is the first 16 hex digits of
+the sha256 of the raw 32-byte public key, and the manifest names the key ids that signed
+it (``signed_by``), so a signature cannot be swapped for one by another key unnoticed.
+
+Key files: a private key is PKCS#8 PEM (mode 0600); a public key is one line,
+``edgephi-ed25519 <base64 of the raw 32 bytes> [comment]``, or PEM.
+
+The trust store is a folder of public keys: ``$EDGEPHI_TRUST``, else ``trusted-keys/`` in
+the model store. Once it holds a key, bundles must carry a valid signature by one of its
+keys; with no trust store, unsigned bundles run with a warning.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgephi.runtime.errors import BundleFormatError, KeyFileError, SignatureError
+from edgephi.runtime.fsutil import atomic_write_bytes
+
+ALGORITHM = "ed25519"
+PUBLIC_PREFIX = "edgephi-ed25519"
+MAX_SIGNATURES = 16
+
+
+def key_id(public_raw: bytes) -> str:
+    return hashlib.sha256(public_raw).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    raw: bytes
+    comment: str = ""
+
+    @property
+    def key_id(self) -> str:
+        return key_id(self.raw)
+
+    def to_text(self) -> str:
+        return f"{PUBLIC_PREFIX} {base64.b64encode(self.raw).decode()} {self.comment}".rstrip() + "\n"
+
+    def verify(self, signature: bytes, message: bytes) -> bool:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        try:
+            Ed25519PublicKey.from_public_bytes(self.raw).verify(signature, message)
+            return True
+        except (InvalidSignature, ValueError):
+            return False
+
+
+def load_public_key(path: Path) -> PublicKey:
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeyFileError(f"cannot read public key {path}: {exc}") from None
+    if text.startswith(PUBLIC_PREFIX):
+        parts = text.split(maxsplit=2)
+        try:
+            raw = base64.b64decode(parts[1], validate=True)
+        except (IndexError, binascii.Error):
+            raw = b""
+        if len(raw) != 32:
+            raise KeyFileError(f"{path} is not an edgephi public key (bad key data)")
+        return PublicKey(raw, parts[2] if len(parts) > 2 else "")
+    if text.startswith("-----BEGIN PUBLIC KEY-----"):
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        key = serialization.load_pem_public_key(text.encode())
+        if not isinstance(key, Ed25519PublicKey):
+            raise KeyFileError(f"{path} is not an Ed25519 public key")
+        return PublicKey(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+    raise KeyFileError(f"{path} is not a public key file ({PUBLIC_PREFIX} … or PEM)")
+
+
+class SigningKey:
+    """A private Ed25519 key (build host only)."""
+
+    def __init__(self, private: Any) -> None:
+        from cryptography.hazmat.primitives import serialization
+
+        self._private = private
+        raw = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        self.public = PublicKey(raw)
+
+    @classmethod
+    def generate(cls) -> SigningKey:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def load(cls, path: Path) -> SigningKey:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        try:
+            key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+        except OSError as exc:
+            raise KeyFileError(f"cannot read signing key {path}: {exc.strerror or exc}") from None
+        except (ValueError, TypeError) as exc:
+            raise KeyFileError(f"{path} is not an unencrypted PEM private key: {exc}") from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise KeyFileError(f"{path} is not an Ed25519 private key")
+        return cls(key)
+
+    @property
+    def key_id(self) -> str:
+        return self.public.key_id
+
+    def sign(self, message: bytes) -> dict[str, str]:
+        sig = self._private.sign(message)
+        return {"keyid": self.key_id, "algorithm": ALGORITHM, "signature": base64.b64encode(sig).decode()}
+
+    def save(self, private_path: Path, comment: str = "") -> Path:
+        """Write the private key (0600) and ``<private_path>.pub``; refuse to overwrite either."""
+        from cryptography.hazmat.primitives import serialization
+
+        public_path = private_path.with_name(private_path.name + ".pub")
+        for p in (private_path, public_path):
+            if p.exists():
+                raise KeyFileError(f"{p} already exists; not overwriting a key", hint="choose another path")
+        pem = self._private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        private_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem)
+        atomic_write_bytes(public_path, PublicKey(self.public.raw, comment).to_text().encode())
+        return public_path
+
+
+def encode_signatures(entries: list[dict[str, str]]) -> bytes:
+    return json.dumps({"signatures": entries}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def parse_signatures(raw: bytes) -> list[tuple[str, bytes]]:
+    """(key id, signature bytes) pairs from a ``manifest.sig`` member."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+        entries = data["signatures"]
+        if not isinstance(entries, list) or not 0 < len(entries) <= MAX_SIGNATURES:
+            raise ValueError("signatures must be a list of 1 to 16 entries")
+        out = []
+        for entry in entries:
+            if entry["algorithm"] != ALGORITHM:
+                raise ValueError(f"unsupported algorithm {entry['algorithm']!r}")
+            sig = base64.b64decode(entry["signature"], validate=True)
+            if len(sig) != 64 or not isinstance(entry["keyid"], str):
+                raise ValueError("malformed signature entry")
+            out.append((entry["keyid"], sig))
+        return out
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, binascii.Error) as exc:
+        raise BundleFormatError(f"manifest.sig is malformed: {exc}") from None
+
+
+class TrustStore:
+    """The public keys this device trusts, from one folder of ``*.pub`` files."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    @classmethod
+    def default(cls, store_root: Path) -> TrustStore:
+        env = os.environ.get("EDGEPHI_TRUST")
+        return cls(Path(env).expanduser() if env else Path(store_root) / "trusted-keys")
+
+    def keys(self) -> dict[str, PublicKey]:
+        if not self.folder.is_dir():
+            return {}
+        out: dict[str, PublicKey] = {}
+        for path in sorted(self.folder.glob("*.pub")):
+            key = load_public_key(path)
+            out[key.key_id] = key
+        return out
+
+    @property
+    def active(self) -> bool:
+        return bool(self.keys())
+
+    def add(self, public_key_file: Path) -> PublicKey:
+        key = load_public_key(public_key_file)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.folder / f"{key.key_id}.pub", key.to_text().encode())
+        return key
+
+
+def verify_manifest(
+    manifest_bytes: bytes,
+    signed_by: tuple[str, ...],
+    signatures: list[tuple[str, bytes]],
+    trusted: dict[str, PublicKey],
+) -> str:
+    """Return the key id of a valid trusted signature over ``manifest_bytes``, else raise."""
+    listed = set(signed_by)
+    for kid, sig in signatures:
+        if kid not in listed:
+            continue  # a signature the manifest does not claim is not evidence
+        key = trusted.get(kid)
+        if key is not None and key.verify(sig, manifest_bytes):
+            return kid
+    if not any(kid in trusted for kid, _ in signatures):
+        raise SignatureError(
+            f"the bundle is signed by key(s) {', '.join(k for k, _ in signatures)}; "
+            "this device trusts none of them"
+        )
+    raise SignatureError("the manifest's signature does not verify: the manifest was changed after signing")
