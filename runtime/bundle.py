@@ -246,8 +246,9 @@ def _inspect(
     zf: zipfile.ZipFile, path: Path, policy: TrustPolicy
 ) -> tuple[BundleInfo, dict[str, zipfile.ZipInfo]]:
     manifest, raw, signatures, header = _read_header(zf)
-    members = check_members(zf, manifest, header)
+    # Signature first: an edited manifest is reported as tampering, not as a layout error.
     verification = _verify(manifest, raw, signatures, policy)
+    members = check_members(zf, manifest, header)
     return BundleInfo(path, manifest, verification, tuple(signatures)), members
 
 

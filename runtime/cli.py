@@ -63,13 +63,27 @@ def run(
     stats: Annotated[
         bool, typer.Option("--stats", help="Print a line of statistics after each answer.")
     ] = False,
+    insecure_skip_verify: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-skip-verify", help="Run without checking the signature (hashes are still checked)."
+        ),
+    ] = False,
     store: StoreOpt = None,
 ) -> None:
     """Chat with a model bundle, or answer one prompt."""
     options = GenerationOptions(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
     )
-    engine = loader.load(bundle, store=Store(store) if store else None, threads=threads, context=context)
+    engine = loader.load(
+        bundle,
+        store=Store(store) if store else None,
+        threads=threads,
+        context=context,
+        insecure_skip_verify=insecure_skip_verify,
+    )
+    if engine.verification is not None and engine.verification.warning:
+        console.info(engine.verification.warning)
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read().strip()
         if not prompt:

@@ -31,6 +31,7 @@ def _isolated_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
     monkeypatch.setenv("EDGEPHI_HOME", str(home))
     monkeypatch.setenv("EDGEPHI_TARGETS", str(tmp_path / "no-user-targets"))
     monkeypatch.delenv("EDGEPHI_DEBUG", raising=False)
+    monkeypatch.delenv("EDGEPHI_TRUST", raising=False)
     from edgephi.targets import registry
 
     registry.reset()

@@ -41,7 +41,9 @@ def onnx_with_external_data(location: str) -> bytes:
     return bytes(onnx.helper.make_model(graph).SerializeToString())
 
 
-GENAI = {"model": {"type": "llama", "decoder": {"filename": "model.onnx", "session_options": {"log_id": "x"}}}}
+GENAI = {
+    "model": {"type": "llama", "decoder": {"filename": "model.onnx", "session_options": {"log_id": "x"}}}
+}
 
 
 def make_model_dir(root: Path) -> Path:

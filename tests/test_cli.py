@@ -174,3 +174,56 @@ def test_list_shows_installed_models(phi3_bundle: Path) -> None:
 @pytest.mark.parametrize("argv", [["--help"], ["run", "--help"]])
 def test_help_works(argv: list[str]) -> None:
     assert CliRunner().invoke(run_app, argv).exit_code == 0
+
+
+def test_cli_build_signs_and_versions_a_bundle(tmp_path: Path) -> None:
+    import tiny
+
+    runner = CliRunner()
+    key = tmp_path / "k.key"
+    assert runner.invoke(pack_app, ["keygen", str(key)]).exit_code == 0
+    out = tmp_path / "llama.phi"
+    result = runner.invoke(
+        pack_app,
+        [
+            "build",
+            str(tiny.tiny_model("llama")),
+            "-o",
+            str(out),
+            "--version",
+            "2.1.0",
+            "--name",
+            "tiny-llama",
+            "--sign-key",
+            str(key),
+            "--target",
+            "x86-64",
+            "--context",
+            "512",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(runner.invoke(pack_app, ["inspect", str(out), "--json"]).stdout)
+    assert (data["name"], data["version"], data["target"]["name"]) == ("tiny-llama", "2.1.0", "x86-64")
+    assert data["model"]["default_context"] == 512 and len(data["signed_by"]) == 1
+    assert runner.invoke(pack_app, ["verify", str(out), "--key", f"{key}.pub"]).exit_code == 0
+
+
+def test_bundle_for_another_cpu_is_refused_before_unpacking(phi3_bundle: Path, tmp_path: Path) -> None:
+    import dataclasses
+
+    from edgephi.packager import writer
+    from edgephi.runtime.loader import machine_arch
+
+    installed = Store().install(phi3_bundle)
+    other = "x86_64" if machine_arch() == "aarch64" else "aarch64"
+    manifest = dataclasses.replace(installed.manifest, target={**installed.manifest.target, "arch": other})
+    foreign = tmp_path / "foreign.phi"
+    writer.write_bundle(foreign, manifest, installed.path)
+    proc = subprocess.run(
+        [*exe("edge-run"), str(foreign), "-p", "Hi"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 1
+    [line] = proc.stderr.strip().splitlines()
+    assert f"built for {other} CPUs" in line and "edge-pack build --target" in line
+    assert [m.manifest.digest for m in Store().installed()] == [installed.manifest.digest]

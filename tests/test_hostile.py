@@ -1,0 +1,295 @@
+"""Crafted bundles a device must refuse: each with a one-line reason, writing nothing
+outside its staging directory, leaving the installed model able to run.
+
+The device here has a trust store holding ``key``; most crafted bundles are validly
+signed by it, so they get past the signature and must be stopped by the reader's other
+rules.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from bundlekit import (
+    GENAI,
+    Member,
+    canonical,
+    craft,
+    default_files,
+    good_bundle,
+    manifest_for,
+    members_for,
+    set_central_flags,
+)
+from edgephi.runtime import load
+from edgephi.runtime.errors import BundleError
+from edgephi.runtime.manifest import MAX_FILES
+from edgephi.runtime.options import GenerationOptions
+from edgephi.runtime.signing import SigningKey, encode_signatures
+from edgephi.runtime.store import Store
+
+KEY = SigningKey.generate()
+OTHER = SigningKey.generate()
+
+Craft = Callable[[Path], Path]
+
+
+def signed(files: dict[str, bytes], members: list[Member] | None = None, **over: object) -> Craft:
+    return lambda out: craft(out, manifest_for(files, **over), members or members_for(files), keys=[KEY])
+
+
+def with_members(edit: Callable[[list[Member]], list[Member]], **over: object) -> Craft:
+    files = default_files()
+    return lambda out: craft(out, manifest_for(files, **over), edit(members_for(files)), keys=[KEY])
+
+
+def bad_manifest_path(path: str) -> Craft:
+    files = default_files()
+    files_with = {**files, path: b"evil"}
+    return lambda out: craft(
+        out, manifest_for(files_with), [*members_for(files), Member(f"model/{path}", b"evil")], keys=[KEY]
+    )
+
+
+def truncated(fraction: float) -> Craft:
+    def make(out: Path) -> Path:
+        good_bundle(out, KEY)
+        data = out.read_bytes()
+        out.write_bytes(data[: max(1, int(len(data) * fraction))])
+        return out
+
+    return make
+
+
+def flipped(part: str) -> Craft:
+    def make(out: Path) -> Path:
+        good_bundle(out, KEY)
+        data = bytearray(out.read_bytes())
+        with zipfile.ZipFile(out) as zf:
+            infos = {i.filename: i for i in zf.infolist()}
+        if part == "central-directory":
+            offset = data.rfind(b"model/tokenizer.json")  # the name in the central directory
+        else:
+            info = infos[part]
+            offset = info.header_offset + 30 + len(info.filename) + len(info.extra) + info.compress_size // 2
+        data[offset] ^= 0x04
+        out.write_bytes(bytes(data))
+        return out
+
+    return make
+
+
+def bomb(out: Path) -> Path:
+    files = default_files()
+    files["tokenizer.json"] = b"\0" * (8 << 20)
+    members = members_for(files)
+    members[-1].compress = zipfile.ZIP_DEFLATED
+    return craft(out, manifest_for(files), members, keys=[KEY])
+
+
+def many_members(out: Path) -> Path:
+    files = default_files()
+    extra = {f"x/{i}.bin": b"x" for i in range(MAX_FILES + 5)}
+    files.update(extra)
+    return craft(out, manifest_for(files), members_for(files), keys=[KEY])
+
+
+def untrusted_signature(out: Path) -> Path:
+    files = default_files()
+    return craft(out, manifest_for(files), members_for(files), keys=[OTHER])
+
+
+def signature_over_another_manifest(out: Path) -> Path:
+    files = default_files()
+    other = canonical({**manifest_for(files, version="9.9.9"), "signed_by": [KEY.key_id]})
+    sig = encode_signatures([KEY.sign(other)])
+    manifest = canonical({**manifest_for(files), "signed_by": [KEY.key_id]})
+    return craft(out, manifest, members_for(files), signatures=sig)
+
+
+def mixed_from_two_bundles(out: Path) -> Path:
+    a = default_files()
+    b = {**a, "model.onnx.data": bytes(reversed(a["model.onnx.data"]))}
+    # Both are validly signed by the trusted key; take A's manifest with B's weights.
+    return craft(out, manifest_for(a), members_for(b), keys=[KEY])
+
+
+def stripped_signature(out: Path) -> Path:
+    files = default_files()
+    manifest = canonical({**manifest_for(files), "signed_by": [KEY.key_id]})
+    return craft(out, manifest, members_for(files))
+
+
+def unsigned(out: Path) -> Path:
+    return good_bundle(out)
+
+
+def non_canonical_manifest(out: Path) -> Path:
+    files = default_files()
+    data = {**manifest_for(files), "signed_by": [KEY.key_id]}
+    raw = json.dumps(data, indent=2).encode()
+    return craft(out, raw, members_for(files), signatures=encode_signatures([KEY.sign(raw)]))
+
+
+def genai(config: dict) -> Craft:  # type: ignore[type-arg]
+    return signed(default_files(config))
+
+
+def external(location: str) -> Craft:
+    return signed(default_files(location=location))
+
+
+def encrypted(out: Path) -> Path:
+    good_bundle(out, KEY)
+    set_central_flags(out, "model/tokenizer.json", 0x1)
+    return out
+
+
+def not_a_zip(out: Path) -> Path:
+    out.write_bytes(b"\x7fELF" + b"\0" * 1000)
+    return out
+
+
+def empty(out: Path) -> Path:
+    out.write_bytes(b"")
+    return out
+
+
+def huge_manifest(out: Path) -> Path:
+    files = default_files()
+    return craft(out, manifest_for(files, model={"pad": "x" * (1 << 20)}), members_for(files), keys=[KEY])
+
+
+def wrong_size(out: Path) -> Path:
+    files = default_files()
+    manifest = manifest_for(files)
+    manifest["files"][2]["size"] += 1
+    return craft(out, manifest, members_for(files), keys=[KEY])
+
+
+def wrong_order(out: Path) -> Path:
+    files = default_files()
+    return craft(out, manifest_for(files), list(reversed(members_for(files))), keys=[KEY])
+
+
+def session(opts: dict) -> dict:  # type: ignore[type-arg]
+    return {
+        **GENAI,
+        "model": {**GENAI["model"], "decoder": {**GENAI["model"]["decoder"], "session_options": opts}},
+    }
+
+
+CASES: dict[str, Craft] = {
+    "member ../evil": with_members(lambda m: [*m, Member("../evil", b"x")]),
+    "member /etc/evil": with_members(lambda m: [*m, Member("/etc/evil", b"x")]),
+    "member model/../../evil": with_members(lambda m: [*m, Member("model/../../evil", b"x")]),
+    "member with backslashes": with_members(lambda m: [*m, Member("model\\..\\..\\evil", b"x")]),
+    "member with a drive letter": with_members(lambda m: [*m, Member("C:/evil", b"x")]),
+    "manifest path ../evil": bad_manifest_path("../evil"),
+    "manifest path /abs": bad_manifest_path("/abs/evil"),
+    "manifest path a/../../b": bad_manifest_path("a/../../b"),
+    "manifest path C:x": bad_manifest_path("C:\\x"),
+    "manifest path .hidden": bad_manifest_path(".bashrc"),
+    "symlink member": with_members(lambda m: [*m[:-1], Member(m[-1].name, b"/etc/passwd", mode=0o120777)]),
+    "device member": with_members(lambda m: [*m[:-1], Member(m[-1].name, m[-1].data, mode=0o020666)]),
+    "directory member": with_members(lambda m: [*m, Member("model/sub/", b"")]),
+    "duplicate member (hard-link style)": with_members(lambda m: [*m, m[1]]),
+    "case-colliding member": with_members(lambda m: [*m, Member("model/TOKENIZER.json", m[-1].data)]),
+    "member not in manifest": with_members(lambda m: [*m, Member("model/extra.so", b"\x7fELF")]),
+    "manifest entry with no member": with_members(lambda m: m[:-1]),
+    "members out of order": wrong_order,
+    "member size differs from manifest": wrong_size,
+    "truncated at 5%": truncated(0.05),
+    "truncated at 50%": truncated(0.5),
+    "truncated at 95%": truncated(0.95),
+    "truncated by one byte": truncated(0.9999),
+    "bit flip in manifest": flipped("manifest.json"),
+    "bit flip in signature": flipped("manifest.sig"),
+    "bit flip in genai_config": flipped("model/genai_config.json"),
+    "bit flip in model.onnx": flipped("model/model.onnx"),
+    "bit flip in weights": flipped("model/model.onnx.data"),
+    "bit flip in tokenizer": flipped("model/tokenizer.json"),
+    "bit flip in central directory": flipped("central-directory"),
+    "decompression bomb": bomb,
+    "huge member count": many_members,
+    "huge manifest": huge_manifest,
+    "valid signature from an untrusted key": untrusted_signature,
+    "signature over another manifest": signature_over_another_manifest,
+    "files mixed from two signed bundles": mixed_from_two_bundles,
+    "signature stripped": stripped_signature,
+    "unsigned where signatures are required": unsigned,
+    "non-canonical manifest": non_canonical_manifest,
+    "too-new major format version": signed(default_files(), format_version="2.0"),
+    "unknown format": signed(default_files(), format="other-bundle"),
+    "encrypted member": encrypted,
+    "not a zip": not_a_zip,
+    "empty file": empty,
+    "external data ../../etc/passwd": external("../../etc/passwd"),
+    "external data /etc/passwd": external("/etc/passwd"),
+    "external data not in bundle": external("weights.bin"),
+    "genai_config loads a custom-op library": genai(session({"custom_ops_library": "libevil.so"})),
+    "genai_config enables profiling": genai(session({"enable_profiling": "/tmp/prof"})),
+    "genai_config provider library path": genai(
+        session({"provider_options": [{"cuda": {"library_path": "/tmp/libevil.so"}}]})
+    ),
+    "genai_config unknown session option": genai(session({"optimized_model_path": "/tmp/out.onnx"})),
+    "genai_config unknown provider": genai(session({"provider_options": [{"evil": {}}]})),
+    "genai_config filename outside bundle": genai(
+        {**GENAI, "model": {**GENAI["model"], "decoder": {"filename": "../model.onnx"}}}
+    ),
+}
+
+
+def tree(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+    }
+
+
+@pytest.fixture(scope="module")
+def device(tmp_path_factory: pytest.TempPathFactory, phi3_bundle: Path) -> Store:
+    """A device store with a working model installed, then a trust store holding KEY."""
+    store = Store(tmp_path_factory.mktemp("device") / "store")
+    store.install(phi3_bundle)
+    pub = store.root.parent / "publisher.pub"
+    pub.write_text(KEY.public.to_text())
+    store.trust.add(pub)
+    return store
+
+
+def test_there_are_at_least_30_hostile_cases() -> None:
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hostile_bundle_is_refused(
+    case: str, device: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("EDGEPHI_TRUST", raising=False)
+    before = tree(device.root.parent)
+    path = CASES[case](tmp_path / "hostile.phi")
+    with pytest.raises(BundleError) as info:
+        device.install(path)
+    message = str(info.value)
+    assert message and "\n" not in message
+    assert tree(device.root.parent) == before  # nothing written anywhere, staging cleaned
+
+
+def test_a_good_signed_bundle_installs(device: Store, tmp_path: Path) -> None:
+    installed = device.install(good_bundle(tmp_path / "good.phi", KEY))
+    assert installed.verification is not None and installed.verification.status == "trusted"
+
+
+def test_the_installed_model_still_runs(device: Store) -> None:
+    [phi] = [m for m in device.installed() if m.manifest.name == "phi35-tiny"]
+    engine = load(phi.path)
+    assert engine.generate(
+        [{"role": "user", "content": "hi"}], GenerationOptions(max_tokens=4, temperature=0)
+    )
+    assert engine.last_stats is not None and engine.last_stats.generated_tokens == 4
