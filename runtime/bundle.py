@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import stat
 import zipfile
@@ -168,41 +169,56 @@ def _read_small(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes
         return bytes(fh.read(limit + 1))
 
 
-def _read_header(zf: zipfile.ZipFile) -> tuple[Manifest, bytes, list[tuple[str, bytes]], int]:
-    """Manifest, its raw bytes, the signatures, and how many leading members they took."""
+def _claimed_signers(raw: bytes) -> tuple[str, ...]:
+    """``signed_by`` read leniently from unvalidated manifest bytes (validation comes after)."""
+    try:
+        claimed = json.loads(raw.decode("utf-8")).get("signed_by", [])
+    except (UnicodeDecodeError, ValueError, AttributeError):
+        return ()
+    return tuple(k for k in claimed if isinstance(k, str)) if isinstance(claimed, list) else ()
+
+
+def _read_header(
+    zf: zipfile.ZipFile, policy: TrustPolicy
+) -> tuple[Manifest, Verification, list[tuple[str, bytes]], int]:
+    """Manifest, how its origin checked out, the signatures, and how many members they took.
+
+    The signature is checked on the raw bytes before the manifest is interpreted, so an
+    edited manifest is reported as tampering rather than as whatever rule the edit broke.
+    """
     infos = zf.infolist()
     if len(infos) > MAX_FILES + 2:
         raise BundleFormatError(f"the bundle has {len(infos)} members; the limit is {MAX_FILES + 2}")
     if not infos or infos[0].filename != MANIFEST_MEMBER:
         raise BundleFormatError(f"the first member of a bundle must be {MANIFEST_MEMBER}")
     raw = _read_small(zf, infos[0], MAX_MANIFEST_BYTES)
-    manifest = Manifest.from_bytes(raw)
-    if raw != manifest.canonical_bytes():
-        raise BundleFormatError(f"{MANIFEST_MEMBER} is not in canonical form (sorted keys, no whitespace)")
     signatures: list[tuple[str, bytes]] = []
     header = 1
     if len(infos) > 1 and infos[1].filename == SIGNATURE_MEMBER:
         signatures = signing.parse_signatures(_read_small(zf, infos[1], MAX_SIGNATURE_BYTES))
         header = 2
-    if manifest.signed_by and not signatures:
+    signed_by = _claimed_signers(raw)
+    if signed_by and not signatures:
         raise SignatureError(
-            f"the manifest says it is signed by {', '.join(manifest.signed_by)}, but it carries no signature"
+            f"the manifest says it is signed by {', '.join(signed_by)}, but it carries no signature"
         )
-    return manifest, raw, signatures, header
+    verification = _verify(raw, signed_by, signatures, policy)
+    manifest = Manifest.from_bytes(raw)
+    if raw != manifest.canonical_bytes():
+        raise BundleFormatError(f"{MANIFEST_MEMBER} is not in canonical form (sorted keys, no whitespace)")
+    return manifest, verification, signatures, header
 
 
 def _verify(
-    manifest: Manifest, raw: bytes, signatures: list[tuple[str, bytes]], policy: TrustPolicy
+    raw: bytes, signed_by: tuple[str, ...], signatures: list[tuple[str, bytes]], policy: TrustPolicy
 ) -> Verification:
-    claimed = [kid for kid, _ in signatures if kid in manifest.signed_by]
+    claimed = [kid for kid, _ in signatures if kid in signed_by]
     if policy.skip:
         return Verification("skipped", claimed[0] if claimed else None)
     if policy.trusted:
         if not signatures:
             raise SignatureError("the bundle is unsigned, and this device accepts only signed bundles")
-        return Verification(
-            "trusted", signing.verify_manifest(raw, manifest.signed_by, signatures, policy.trusted)
-        )
+        return Verification("trusted", signing.verify_manifest(raw, signed_by, signatures, policy.trusted))
     if claimed:
         return Verification("untrusted-unchecked", claimed[0])
     return Verification("unsigned")
@@ -245,9 +261,7 @@ def check_members(zf: zipfile.ZipFile, manifest: Manifest, header: int) -> dict[
 def _inspect(
     zf: zipfile.ZipFile, path: Path, policy: TrustPolicy
 ) -> tuple[BundleInfo, dict[str, zipfile.ZipInfo]]:
-    manifest, raw, signatures, header = _read_header(zf)
-    # Signature first: an edited manifest is reported as tampering, not as a layout error.
-    verification = _verify(manifest, raw, signatures, policy)
+    manifest, verification, signatures, header = _read_header(zf, policy)
     members = check_members(zf, manifest, header)
     return BundleInfo(path, manifest, verification, tuple(signatures)), members
 

@@ -258,4 +258,6 @@ def _parse_files(raw: Any) -> tuple[FileEntry, ...]:
             raise BundleFormatError(f"manifest lists {path} twice (names are compared case-insensitively)")
         seen.add(folded)
         entries.append(FileEntry(path, size, digest))
+    if [e.path for e in entries] != sorted(e.path for e in entries):
+        raise BundleFormatError("manifest files must be sorted by path")
     return tuple(entries)
