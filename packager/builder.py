@@ -47,7 +47,19 @@ SUPPORTED_ARCHITECTURES = (
 )
 
 # Our option names, each a documented builder extra option.
-OPTION_NAMES = ("block_size", "accuracy_level", "is_symmetric", "shared_embeddings", "hf_token")
+OPTION_NAMES = (
+    "block_size",
+    "accuracy_level",
+    "is_symmetric",
+    "shared_embeddings",
+    "hf_token",
+    "prune_lm_head",
+    "algo_config",
+    "kv_cache_quant_scheme",
+    "kv_cache_scale_file",
+)
+CALIBRATION_MODULE = "onnxruntime_genai.models.quantization.kv_cache_calibration"
+KV_INT8_SCHEME = "int8_per_channel"
 
 
 @dataclass(frozen=True)
@@ -64,18 +76,27 @@ class ExportRequest:
     block_size: int = 32
     accuracy_level: int = 4
     symmetric: bool = True
+    algorithm: str = "default"
     tied_embeddings: bool = False
+    kv_scale_file: Path | None = None  # calibrated scales: quantise the KV cache to int8
 
     def extra_options(self) -> dict[str, str]:
-        opts: dict[str, str] = {}
+        # Only the last position's logits are needed to generate; computing them for every
+        # prompt token costs prompt length x vocabulary x 4 bytes (300 MB for SmolLM2 at 1.5k).
+        opts: dict[str, str] = {"prune_lm_head": "true"}
         if self.precision in (Precision.INT4, Precision.INT8):
             opts["block_size"] = str(self.block_size)
             opts["accuracy_level"] = str(self.accuracy_level)
             opts["is_symmetric"] = "true" if self.symmetric else "false"
+            if self.algorithm != "default":
+                opts["algo_config"] = self.algorithm
             if not self.symmetric and self.tied_embeddings:
                 # Asymmetric weights with a shared embedding/lm_head matrix produce a model
                 # onnxruntime rejects; keep the two matrices separate.
                 opts["shared_embeddings"] = "false"
+        if self.kv_scale_file is not None:
+            opts["kv_cache_quant_scheme"] = KV_INT8_SCHEME
+            opts["kv_cache_scale_file"] = str(self.kv_scale_file)
         if self.source_is_local:
             opts["hf_token"] = "false"
         return opts
@@ -134,27 +155,52 @@ def _missing_packages() -> list[str]:
     return [pip for mod, pip in needed.items() if importlib.util.find_spec(mod) is None]
 
 
+def _run_logged(argv: list[str], log_path: Path, offline: bool, what: str) -> None:
+    env = dict(os.environ)
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    env["PYTHONUNBUFFERED"] = "1"
+    if offline:
+        # A local folder needs nothing from the hub; don't let transformers try.
+        env["HF_HUB_OFFLINE"] = "1"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(" ".join(argv) + "\n")
+        log.flush()
+        proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
+    if proc.returncode != 0:
+        raise BuildError(f"{what} failed: {last_error_line(log_path)}")
+
+
 def export(request: ExportRequest) -> None:
     """Run the builder; on failure raise ``BuildError`` quoting the builder's own error."""
     missing = _missing_packages()
     if missing:
         raise DependencyMissing(f"packing needs {', '.join(missing)}, which is not installed")
     check_option_names(tuple(request.extra_options()))
-    env = dict(os.environ)
-    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    env["PYTHONUNBUFFERED"] = "1"
-    if request.source_is_local:
-        # A local folder needs nothing from the hub; don't let transformers try.
-        env["HF_HUB_OFFLINE"] = "1"
-    request.log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(request.log_path, "w", encoding="utf-8") as log:
-        log.write(" ".join(request.argv()) + "\n")
-        log.flush()
-        proc = subprocess.run(request.argv(), stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
-    if proc.returncode != 0:
-        raise BuildError(f"the model builder failed: {last_error_line(request.log_path)}")
+    _run_logged(request.argv(), request.log_path, request.source_is_local, "the model builder")
     if not (request.output_dir / "genai_config.json").is_file():
         raise BuildError("the model builder finished without writing genai_config.json")
+
+
+def calibrate_kv_cache(baseline_dir: Path, tokenizer: str, out: Path, log_path: Path, offline: bool) -> Path:
+    """Per-channel int8 KV-cache scales from a float-KV build, on the calibration tool's own corpus."""
+    argv = [
+        sys.executable,
+        "-m",
+        CALIBRATION_MODULE,
+        "--model",
+        str(baseline_dir),
+        "--tokenizer",
+        tokenizer,
+        "--out",
+        str(out),
+        "--quant-type",
+        KV_INT8_SCHEME,
+    ]
+    _run_logged(argv, log_path, offline, "KV-cache calibration")
+    if not out.is_file():
+        raise BuildError("KV-cache calibration finished without writing its scale file")
+    return out
 
 
 def last_error_line(log_path: Path) -> str:

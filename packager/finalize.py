@@ -18,7 +18,7 @@ from edgephi.runtime.bundle import MANIFEST_MEMBER
 from edgephi.runtime.errors import BuildError
 from edgephi.runtime.manifest import FileEntry, check_member_path
 
-_KV_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_KV_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
 _WEIGHT_SUFFIXES = (".onnx", ".data", ".onnx_data", ".bin")
 
 
@@ -52,6 +52,7 @@ def model_facts(model_dir: Path, hf_config: dict[str, Any]) -> dict[str, Any]:
         "context_length": int(genai["model"].get("context_length", 0)),
         "vocab_size": int(genai["model"].get("vocab_size", 0)),
         "num_hidden_layers": int(decoder["num_hidden_layers"]),
+        "num_attention_heads": int(decoder["num_attention_heads"]),
         "num_key_value_heads": int(decoder["num_key_value_heads"]),
         "head_size": int(decoder["head_size"]),
         "hidden_size": int(decoder["hidden_size"]),
@@ -59,12 +60,13 @@ def model_facts(model_dir: Path, hf_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def memory_facts(files: list[FileEntry], model: dict[str, Any]) -> dict[str, int]:
+    """Weights on disk and KV bytes per token for the cache type the bundle was built with."""
     weights = sum(f.size for f in files if f.path.endswith(_WEIGHT_SUFFIXES))
     per_element = 2 * model["num_hidden_layers"] * model["num_key_value_heads"] * model["head_size"]
     return {
         "weights_bytes": weights,
-        "kv_bytes_per_token": per_element * _KV_BYTES["float32"],
-        "kv_bytes_per_token_fp16": per_element * _KV_BYTES["float16"],
+        "kv_bytes_per_token": per_element * _KV_BYTES[model.get("kv_cache", "fp32")],
+        "kv_bytes_per_token_fp16": per_element * _KV_BYTES["fp16"],
     }
 
 

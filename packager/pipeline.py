@@ -19,6 +19,7 @@ removed afterwards (kept with ``keep_workdir`` for debugging).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import importlib.metadata
 import json
@@ -35,6 +36,7 @@ from edgephi.runtime.errors import BuildError
 from edgephi.runtime.fsutil import remove_tree
 from edgephi.runtime.manifest import Manifest
 from edgephi.runtime.signing import SigningKey
+from edgephi.targets import KVCache
 
 Progress = Callable[[str], None]
 
@@ -115,11 +117,25 @@ def _build_in(
         block_size=target.block_size,
         accuracy_level=target.accuracy_level,
         symmetric=target.symmetric,
+        algorithm=target.algorithm,
         tied_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
     )
     progress(
         f"[2/5] exporting {precision.value} for {target.execution_provider.value} with the model builder"
     )
+    if target.kv_cache is KVCache.INT8:
+        # Two passes: a float-KV build to measure K/V ranges on, then the real one with scales.
+        baseline = dataclasses.replace(request, output_dir=workdir / "baseline")
+        builder.export(baseline)
+        progress("      calibrating int8 KV-cache scales on the float-KV build")
+        scales = builder.calibrate_kv_cache(
+            baseline.output_dir,
+            builder_input,
+            workdir / "kv_scales.json",
+            request.log_path,
+            offline=request.source_is_local,
+        )
+        request = dataclasses.replace(request, kv_scale_file=scales)
     builder.export(request)
     if not hf_config:
         hf_config = _downloaded_config(request.cache_dir)
@@ -130,6 +146,8 @@ def _build_in(
     files = finalize.file_entries(onnx_dir)
     model = finalize.model_facts(onnx_dir, hf_config)
     model["default_context"] = context
+    model["lm_head_pruned"] = True
+    model["kv_cache"] = target.kv_cache.value
     manifest = Manifest(
         name=config.name or source.default_name,
         version=config.version,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from edgephi.runtime import console, loader
+from edgephi.runtime import console, loader, memory
 from edgephi.runtime.chat import Conversation
 from edgephi.runtime.engine import Engine
 from edgephi.runtime.errors import ConfigError
@@ -69,19 +69,44 @@ def run(
             "--insecure-skip-verify", help="Run without checking the signature (hashes are still checked)."
         ),
     ] = False,
+    memory_budget: Annotated[
+        str | None,
+        typer.Option("--memory-budget", help="Memory to plan for, e.g. 2G (default: what is free)."),
+    ] = None,
+    show_plan: Annotated[
+        bool, typer.Option("--plan", help="Print the memory plan and exit without loading.")
+    ] = False,
     store: StoreOpt = None,
 ) -> None:
     """Chat with a model bundle, or answer one prompt."""
     options = GenerationOptions(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
     )
+    budget = memory.parse_size(memory_budget) if memory_budget else None
+    the_store = Store(store) if store else None
+    if show_plan:
+        print(
+            loader.plan(
+                bundle,
+                context=context,
+                memory_budget=budget,
+                insecure_skip_verify=insecure_skip_verify,
+                store=the_store,
+            ).describe()
+        )
+        return
     engine = loader.load(
         bundle,
-        store=Store(store) if store else None,
+        store=the_store,
         threads=threads,
         context=context,
+        memory_budget=budget,
         insecure_skip_verify=insecure_skip_verify,
     )
+    if engine.plan is not None and engine.plan.limited_by == "memory":
+        console.info(
+            f"(context limited to {engine.plan.max_length} tokens by the memory budget; `--plan` explains)"
+        )
     if engine.verification is not None and engine.verification.warning:
         console.info(engine.verification.warning)
     if prompt is None and not sys.stdin.isatty():

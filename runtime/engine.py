@@ -56,6 +56,18 @@ class Stats:
         )
 
 
+def _fold_system(messages: Sequence[Message]) -> list[Message]:
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    rest = [dict(m) for m in messages if m["role"] != "system"]
+    for m in rest:
+        if m["role"] == "user":
+            m["content"] = f"{system}\n\n{m['content']}"
+            break
+    else:
+        rest.insert(0, {"role": "user", "content": system})
+    return rest
+
+
 class Engine:
     """One loaded model. Not thread-safe: one generation at a time."""
 
@@ -93,6 +105,7 @@ class Engine:
             raise GenerationError(f"onnxruntime-genai could not load {self.model_dir}: {exc}") from None
         self.last_stats: Stats | None = None
         self.verification: Any = None  # set by the loader: how the bundle's origin was checked
+        self.plan: Any = None  # set by the loader: the memory plan behind ``context``
 
     # --- prompts ------------------------------------------------------------------------
 
@@ -100,6 +113,15 @@ class Engine:
         """Render chat messages with the model's chat template (plain text without one)."""
         if not self.has_chat_template:
             return "\n\n".join(m["content"] for m in messages)
+        prompt = self._render(messages)
+        system = [m for m in messages if m["role"] == "system" and m["content"]]
+        if system and system[0]["content"] not in prompt:
+            # Some templates (Phi-3's original one among them) silently drop system messages;
+            # the user asked for one, so put it at the head of the first user turn instead.
+            prompt = self._render(_fold_system(messages))
+        return prompt
+
+    def _render(self, messages: Sequence[Message]) -> str:
         try:
             return str(
                 self._tokenizer.apply_chat_template(json.dumps(list(messages)), add_generation_prompt=True)

@@ -146,5 +146,11 @@ class GenerationError(EdgeError, RuntimeError):
     hint = "rebuild the bundle, or report the message above"
 
 
+class InsufficientMemory(GenerationError, MemoryError):
+    """The model does not fit the memory budget with a useful context."""
+
+    hint = "free memory, raise --memory-budget, or use a smaller model or --precision int4 bundle"
+
+
 class ContextOverflow(GenerationError, ValueError):
     hint = "shorten the prompt or lower --max-tokens"

@@ -1,9 +1,11 @@
 """The Python entry point of the device runtime: ``load("model.phi")`` → a ready ``Engine``.
 
-A ``.phi`` file is verified (signature policy, hashes, model checks) and installed into
-the store first; a second load reuses the installed copy. An already unpacked model
-folder is loaded as it is. Before loading, the bundle's target is checked against this
-device: CPU architecture, execution provider and the runtime version it needs.
+Order of work, cheapest check first: read and check the bundle's header (signature
+policy, layout); check it was built for this device (CPU architecture, execution
+provider, runtime version); plan the context that fits the memory budget
+(``edgephi.runtime.memory``) — all before unpacking. Then install (verify every hash,
+unpack, switch in one rename; a second load reuses the installed copy) and load with the
+planned context and thread count. An already unpacked model folder skips the bundle steps.
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-from edgephi.runtime import __about__
+from edgephi.runtime import __about__, memory
 from edgephi.runtime.bundle import TrustPolicy, open_bundle
-from edgephi.runtime.engine import Engine
-from edgephi.runtime.errors import BundleNotFound, IncompatibleBundle
+from edgephi.runtime.engine import Engine, default_threads
+from edgephi.runtime.errors import BundleNotFound, IncompatibleBundle, NotAModel
 from edgephi.runtime.manifest import Manifest, version_key
 from edgephi.runtime.store import InstalledModel, Store
 
@@ -43,9 +45,8 @@ def check_runnable(manifest: Manifest, arch: str | None = None) -> None:
         raise IncompatibleBundle(
             f"{what} was built for the {provider} execution provider; this runtime runs CPU bundles"
         )
-    wanted = _ARCH_ALIASES.get(
-        str(manifest.target.get("arch", "any")).lower(), str(manifest.target.get("arch", "any"))
-    )
+    raw_arch = str(manifest.target.get("arch", "any")).lower()
+    wanted = _ARCH_ALIASES.get(raw_arch, raw_arch)
     here = arch or machine_arch()
     if wanted not in ("any", here):
         raise IncompatibleBundle(f"{what} was built for {wanted} CPUs; this device is {here}")
@@ -57,33 +58,99 @@ def check_runnable(manifest: Manifest, arch: str | None = None) -> None:
         )
 
 
+def choose_threads(requested: int | None, manifest: Manifest | None) -> int:
+    """``--threads``, else the target's thread count (capped by the usable cores), else the cores."""
+    if requested:
+        return requested
+    usable = default_threads()
+    target_threads = int(manifest.target.get("threads", 0) or 0) if manifest else 0
+    return min(target_threads, usable) if target_threads > 0 else usable
+
+
+def _budget(memory_budget: int | None) -> tuple[int | None, str]:
+    if memory_budget is not None:
+        return memory_budget, "--memory-budget"
+    return memory.default_budget()
+
+
+def plan(
+    source: str | Path,
+    *,
+    context: int | None = None,
+    memory_budget: int | None = None,
+    insecure_skip_verify: bool = False,
+    store: Store | None = None,
+) -> memory.MemoryPlan:
+    """The memory plan for a bundle or model folder, without unpacking or loading anything."""
+    path = Path(source)
+    if path.is_dir():
+        _check_model_dir(path)
+        shape = memory.ModelShape.from_model_dir(path)
+    else:
+        if not path.exists():
+            raise BundleNotFound(f"{path} does not exist")
+        trust = (store or Store()).trust
+        info = open_bundle(path, TrustPolicy.from_store(trust, skip=insecure_skip_verify))
+        shape = memory.ModelShape.from_manifest(info.manifest)
+    budget, why = _budget(memory_budget)
+    return memory.plan(shape, requested=context, budget=budget, budget_source=why)
+
+
+def _check_model_dir(path: Path) -> None:
+    if not (path / "genai_config.json").is_file():
+        raise NotAModel(
+            f"{path} is a folder without genai_config.json, so not an unpacked model",
+            hint="give a .phi bundle or an installed model folder (see `edge-run list`)",
+        )
+
+
 def load(
     source: str | Path,
     *,
     store: Store | None = None,
     threads: int | None = None,
     context: int | None = None,
+    memory_budget: int | None = None,
     insecure_skip_verify: bool = False,
 ) -> Engine:
     """Load a bundle or an unpacked model folder, ready to ``stream()`` from."""
     path = Path(source)
+    budget, why = _budget(memory_budget)
     if path.is_dir():
+        _check_model_dir(path)
+        manifest = None
         manifest_file = path / "manifest.json"
-        has_template = True
         if manifest_file.is_file():
             manifest = Manifest.from_bytes(manifest_file.read_bytes())
             check_runnable(manifest)
-            has_template = manifest.chat_template
-        return Engine(path, threads=threads, context=context, chat_template=has_template)
+        mem_plan = memory.plan(
+            memory.ModelShape.from_model_dir(path), requested=context, budget=budget, budget_source=why
+        )
+        engine = Engine(
+            path,
+            threads=choose_threads(threads, manifest),
+            context=mem_plan.max_length,
+            chat_template=manifest.chat_template if manifest else True,
+        )
+        engine.plan = mem_plan
+        return engine
     if not path.exists():
         raise BundleNotFound(f"{path} does not exist")
     store = store or Store()
     policy = TrustPolicy.from_store(store.trust, skip=insecure_skip_verify)
-    # Refuse a bundle for another device before spending time and disk on unpacking it.
-    check_runnable(open_bundle(path, policy).manifest)
+    # Refuse a bundle for another device, or one that cannot fit, before unpacking it.
+    header = open_bundle(path, policy).manifest
+    check_runnable(header)
+    mem_plan = memory.plan(
+        memory.ModelShape.from_manifest(header), requested=context, budget=budget, budget_source=why
+    )
     installed = store.install(path, policy)
     engine = Engine(
-        installed.path, threads=threads, context=context, chat_template=installed.manifest.chat_template
+        installed.path,
+        threads=choose_threads(threads, installed.manifest),
+        context=mem_plan.max_length,
+        chat_template=installed.manifest.chat_template,
     )
     engine.verification = installed.verification
+    engine.plan = mem_plan
     return engine

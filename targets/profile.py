@@ -31,6 +31,15 @@ class ExecutionProvider(str, enum.Enum):
     DML = "dml"
 
 
+class KVCache(str, enum.Enum):
+    """Element type of the KV cache: fp32 (CPU default) or int8 (calibrated per channel)."""
+
+    FP32 = "fp32"
+    INT8 = "int8"
+
+
+# The builder's base methods and presets for weight-only quantisation (its ``algo_config``).
+ALGORITHMS = ("default", "rtn", "k_quant", "rtn_last", "k_quant_last", "k_quant_mixed")
 _BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
@@ -39,8 +48,10 @@ class Target:
     """One device class.
 
     ``os``/``arch`` describe where the bundle runs (``any`` for portable CPU bundles);
-    ``block_size``, ``accuracy_level`` and ``symmetric`` are the INT4/INT8 recipe the
-    builder gets; ``threads`` 0 means "one per physical core" at run time.
+    ``block_size``, ``accuracy_level``, ``symmetric`` and ``algorithm`` are the INT4/INT8
+    recipe the builder gets; ``kv_cache`` int8 quantises the KV cache (4x smaller than
+    fp32, calibrated at build time); ``threads`` 0 means "one per usable core" at run
+    time; ``ram_gb`` is the typical device memory and ``context`` the default context.
     """
 
     name: str
@@ -52,6 +63,8 @@ class Target:
     block_size: int = 32
     accuracy_level: int = 4
     symmetric: bool = True
+    algorithm: str = "default"
+    kv_cache: KVCache = KVCache.FP32
     threads: int = 0
     ram_gb: float = 0.0
     context: int = 2048
@@ -75,6 +88,13 @@ class Target:
                 f"target {self.name}: precision fp16 needs a GPU execution_provider, not cpu "
                 "(the builder has no FP16 CPU model)"
             )
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(f"target {self.name}: algorithm {self.algorithm!r} is not one of {ALGORITHMS}")
+        if self.kv_cache is KVCache.INT8 and self.execution_provider is not ExecutionProvider.CPU:
+            raise ConfigError(
+                f"target {self.name}: kv_cache int8 is built here for the cpu execution_provider only, "
+                f"not {self.execution_provider.value}"
+            )
         if self.threads < 0:
             raise ConfigError(f"target {self.name}: threads must be >= 0 (0 = one per core)")
         if self.context < 64:
@@ -92,6 +112,8 @@ class Target:
             values["execution_provider"] = ExecutionProvider(values["execution_provider"])
             if "precision" in values:
                 values["precision"] = Precision(values["precision"])
+            if "kv_cache" in values:
+                values["kv_cache"] = KVCache(values["kv_cache"])
             return cls(**values)
         except KeyError as exc:
             raise ConfigError(f"target profile is missing the key {exc.args[0]!r}") from None

@@ -71,3 +71,18 @@ def phi3_bundle(phi3_dir: Path, bundles_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_bundle(bundles_dir: Path) -> Path:
     return build_bundle(assets.smollm2_gguf(), bundles_dir / "smollm2.phi")
+
+
+@pytest.fixture(scope="session")
+def target_bundle(bundles_dir: Path):  # type: ignore[no-untyped-def]
+    """``target_bundle(name)``: the tiny Llama built for device profile ``name``, once per session."""
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = build_bundle(
+                tiny.tiny_model("llama"), bundles_dir / f"llama-{name}.phi", target=name, name=f"llama-{name}"
+            )
+        return built[name]
+
+    return get
