@@ -5,6 +5,7 @@
     edge-pack verify model.phi [--key publisher.pub]
     edge-pack keygen publisher.key            (writes publisher.key and publisher.key.pub)
     edge-pack sign model.phi --key publisher.key [-o signed.phi]
+    edge-pack publish model.phi CHANNEL_DIR --key publisher.key
     edge-pack targets
 
 A thin shell over ``edgephi.packager.pipeline``: options become a ``BuildConfig``, the
@@ -173,6 +174,27 @@ def sign(
     signing_key = signing.SigningKey.load(key)
     manifest = writer.resign(path, output or path, [signing_key])
     print(f"signed {output or path}: {manifest.name} {manifest.version} by key {signing_key.key_id}")
+
+
+@app.command()
+def publish(
+    path: Annotated[Path, typer.Argument(help="The signed .phi bundle to publish.")],
+    channel_dir: Annotated[Path, typer.Argument(help="The channel folder (created if missing).")],
+    key: Annotated[Path, typer.Option("--key", help="The publisher's private key; it signs the index.")],
+    expires_days: Annotated[
+        float, typer.Option("--expires-days", help="Days until devices refuse the index.")
+    ] = 30,
+    blobs: Annotated[
+        bool, typer.Option("--blobs/--no-blobs", help="Also offer per-file blobs for deltas.")
+    ] = True,
+) -> None:
+    """Add a bundle to an update channel and re-sign its index."""
+    from edgephi.packager.publish import publish as do_publish
+
+    release = do_publish(
+        path, channel_dir, signing.SigningKey.load(key), expires_days=expires_days, blobs=blobs
+    )
+    print(f"published {release.name} {release.version} to {channel_dir} ({release.size} bytes)")
 
 
 @app.command("targets")

@@ -165,7 +165,9 @@ def _build_in(
 
     progress("[4/5] validating: loading in onnxruntime-genai and generating")
     if target.execution_provider.value == "cpu":
-        smoke = validate.smoke_test(onnx_dir, chat_template)
+        health = validate.smoke_test(onnx_dir, chat_template)
+        manifest = dataclasses.replace(manifest, health=health)
+        smoke = str(health["text"])
     else:
         smoke = ""
         progress(f"      (skipped: {target.execution_provider.value} models cannot run on this CPU host)")

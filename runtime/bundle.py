@@ -169,7 +169,7 @@ def _read_small(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes
         return bytes(fh.read(limit + 1))
 
 
-def _claimed_signers(raw: bytes) -> tuple[str, ...]:
+def claimed_signers(raw: bytes) -> tuple[str, ...]:
     """``signed_by`` read leniently from unvalidated manifest bytes (validation comes after)."""
     try:
         claimed = json.loads(raw.decode("utf-8")).get("signed_by", [])
@@ -192,12 +192,24 @@ def _read_header(
     if not infos or infos[0].filename != MANIFEST_MEMBER:
         raise BundleFormatError(f"the first member of a bundle must be {MANIFEST_MEMBER}")
     raw = _read_small(zf, infos[0], MAX_MANIFEST_BYTES)
-    signatures: list[tuple[str, bytes]] = []
+    sig_raw = None
     header = 1
     if len(infos) > 1 and infos[1].filename == SIGNATURE_MEMBER:
-        signatures = signing.parse_signatures(_read_small(zf, infos[1], MAX_SIGNATURE_BYTES))
+        sig_raw = _read_small(zf, infos[1], MAX_SIGNATURE_BYTES)
         header = 2
-    signed_by = _claimed_signers(raw)
+    manifest, verification, signatures = read_signed_manifest(raw, sig_raw, policy)
+    return manifest, verification, signatures, header
+
+
+def read_signed_manifest(
+    raw: bytes, sig_raw: bytes | None, policy: TrustPolicy
+) -> tuple[Manifest, Verification, list[tuple[str, bytes]]]:
+    """Check a manifest's signature on its raw bytes, then parse and validate it.
+
+    Also used for the manifests an update channel serves beside its bundles.
+    """
+    signatures = signing.parse_signatures(sig_raw) if sig_raw is not None else []
+    signed_by = claimed_signers(raw)
     if signed_by and not signatures:
         raise SignatureError(
             f"the manifest says it is signed by {', '.join(signed_by)}, but it carries no signature"
@@ -206,7 +218,7 @@ def _read_header(
     manifest = Manifest.from_bytes(raw)
     if raw != manifest.canonical_bytes():
         raise BundleFormatError(f"{MANIFEST_MEMBER} is not in canonical form (sorted keys, no whitespace)")
-    return manifest, verification, signatures, header
+    return manifest, verification, signatures
 
 
 def _verify(

@@ -41,7 +41,9 @@ StoreOpt = Annotated[
 
 @app.command()
 def run(
-    bundle: Annotated[Path, typer.Argument(help="A .phi bundle, or an installed model folder.")],
+    bundle: Annotated[
+        Path, typer.Argument(help="A .phi bundle, an installed model's name, or an unpacked model folder.")
+    ],
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Answer this and exit.")] = None,
     system: Annotated[str | None, typer.Option("--system", help="System message.")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens per answer.")] = 256,
@@ -158,12 +160,15 @@ def _chat(conversation: Conversation, options: GenerationOptions, stats: bool) -
 @app.command("list")
 def list_models(store: StoreOpt = None) -> None:
     """List the models installed in the store."""
-    models = Store(store).installed() if store else Store().installed()
+    the_store = Store(store) if store else Store()
+    models = the_store.installed()
     if not models:
         console.info("no models installed")
         return
     for m in models:
-        print(f"{m.manifest.name}\t{m.manifest.version}\t{m.manifest.precision}\t{m.path}")
+        current = the_store.current(m.manifest.name)
+        mark = "current" if current is not None and current.path == m.path else ""
+        print(f"{m.manifest.name}\t{m.manifest.version}\t{m.manifest.precision}\t{mark}\t{m.path}")
 
 
 trust_app = typer.Typer(help="Manage the publisher keys this device trusts.", no_args_is_help=True)
@@ -192,7 +197,38 @@ def trust_list(store: StoreOpt = None) -> None:
         print(f"{kid}\t{key.comment}")
 
 
-_COMMANDS = {"run", "list", "trust"}
+@app.command("update")
+def update_cmd(
+    channel_url: Annotated[str, typer.Argument(help="The channel: an http(s) URL or a folder.")],
+    model: Annotated[
+        str | None, typer.Argument(help="Model name (default: every installed one offered).")
+    ] = None,
+    check: Annotated[bool, typer.Option("--check", help="Only say whether an update is available.")] = False,
+    store: StoreOpt = None,
+) -> None:
+    """Update models from a signed channel: verify, download with resume, health-check, switch."""
+    from edgephi.runtime import updater
+
+    results = updater.update(
+        channel_url, model, store=Store(store) if store else None, check_only=check, say=console.info
+    )
+    for result in results:
+        print(result.line())
+
+
+@app.command("rollback")
+def rollback_cmd(
+    model: Annotated[str, typer.Argument(help="The model to return to its previous version.")],
+    store: StoreOpt = None,
+) -> None:
+    """Make the previous version of a model current again."""
+    from edgephi.runtime import updater
+
+    restored = updater.rollback(model, Store(store) if store else None)
+    print(f"{model}: rolled back to {restored.manifest.version}")
+
+
+_COMMANDS = {"run", "list", "trust", "update", "rollback"}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -128,6 +128,37 @@ class KeyFileError(EdgeError, ValueError):
     hint = "create a key pair with `edge-pack keygen`"
 
 
+# --- updates -----------------------------------------------------------------------------------
+
+
+class UpdateError(EdgeError):
+    """An over-the-air update cannot proceed; the device keeps running what it had."""
+
+    hint = "nothing was changed on this device; fix the cause and run the update again"
+
+
+class ChannelError(UpdateError, ValueError):
+    """The channel index is missing, malformed, expired or not signed by a trusted key."""
+
+    hint = "check the channel URL and the publisher's key (`edge-run trust list`); nothing was changed"
+
+
+class DownloadError(UpdateError, OSError):
+    hint = "check the network and run the update again; it resumes where it stopped"
+
+
+class DowngradeRefused(UpdateError, ValueError):
+    hint = "publish a higher version; a device never goes below a version it accepted"
+
+
+class HealthCheckFailed(UpdateError, RuntimeError):
+    hint = "the new version was removed and the previous one kept; report this release to its publisher"
+
+
+class UpdateLocked(UpdateError, BlockingIOError):
+    hint = "wait for the other update to finish"
+
+
 # --- the device store --------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ from edgephi.runtime import __about__, memory
 from edgephi.runtime.bundle import TrustPolicy, open_bundle
 from edgephi.runtime.engine import Engine, default_threads
 from edgephi.runtime.errors import BundleNotFound, IncompatibleBundle, NotAModel
-from edgephi.runtime.manifest import Manifest, version_key
+from edgephi.runtime.manifest import Manifest, is_valid_name, version_key
 from edgephi.runtime.store import InstalledModel, Store
 
 _ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8": "aarch64"}
@@ -82,7 +82,7 @@ def plan(
     store: Store | None = None,
 ) -> memory.MemoryPlan:
     """The memory plan for a bundle or model folder, without unpacking or loading anything."""
-    path = Path(source)
+    path = resolve(source, store)
     if path.is_dir():
         _check_model_dir(path)
         shape = memory.ModelShape.from_model_dir(path)
@@ -94,6 +94,16 @@ def plan(
         shape = memory.ModelShape.from_manifest(info.manifest)
     budget, why = _budget(memory_budget)
     return memory.plan(shape, requested=context, budget=budget, budget_source=why)
+
+
+def resolve(source: str | Path, store: Store | None = None) -> Path:
+    """A path as given, or the current version of an installed model called ``source``."""
+    path = Path(source)
+    if not path.exists() and is_valid_name(str(source)):
+        current = (store or Store()).current(str(source))
+        if current is not None:
+            return current.path
+    return path
 
 
 def _check_model_dir(path: Path) -> None:
@@ -114,7 +124,7 @@ def load(
     insecure_skip_verify: bool = False,
 ) -> Engine:
     """Load a bundle or an unpacked model folder, ready to ``stream()`` from."""
-    path = Path(source)
+    path = resolve(source, store)
     budget, why = _budget(memory_budget)
     if path.is_dir():
         _check_model_dir(path)

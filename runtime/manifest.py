@@ -24,6 +24,8 @@ Keys, in ``manifest.json``:
 ``requires``              ``runtime``: the oldest edgephi runtime version that can run it
 ``chat_template``         true when the bundle carries a chat template
 ``signed_by``             key ids (16 hex digits) whose signatures ``manifest.sig`` carries
+``health``                ``prompt``, ``max_tokens`` and the greedy ``text`` the packager got: the
+                          golden answer an update's health check compares with
 ``files``                 list of ``{path, size, sha256}``, one per model file, sorted by path
 ========================  ==================================================================
 """
@@ -116,6 +118,7 @@ class Manifest:
     requires: dict[str, str] = field(default_factory=dict)
     chat_template: bool = False
     signed_by: tuple[str, ...] = ()
+    health: dict[str, Any] = field(default_factory=dict)
 
     # --- serialisation ------------------------------------------------------------------
 
@@ -135,6 +138,7 @@ class Manifest:
             "requires": dict(self.requires),
             "chat_template": self.chat_template,
             "signed_by": list(self.signed_by),
+            "health": dict(self.health),
             "files": [f.to_dict() for f in self.files],
         }
 
@@ -206,6 +210,17 @@ class Manifest:
             raise BundleFormatError("manifest signed_by must be a list of 16-hex-digit key ids")
         if len(set(signed_by)) != len(signed_by):
             raise BundleFormatError("manifest signed_by lists a key twice")
+        health = data.get("health", {})
+        if not isinstance(health, dict) or (
+            health
+            and not (
+                isinstance(health.get("prompt"), str)
+                and isinstance(health.get("text"), str)
+                and isinstance(health.get("max_tokens"), int)
+                and 0 < health["max_tokens"] <= 64
+            )
+        ):
+            raise BundleFormatError("manifest health must hold prompt, text and max_tokens (1-64)")
         files = _parse_files(data["files"])
         return cls(
             name=name,
@@ -222,6 +237,7 @@ class Manifest:
             requires=requires,
             chat_template=data.get("chat_template", False),
             signed_by=tuple(signed_by),
+            health=health,
         )
 
 

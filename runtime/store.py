@@ -21,16 +21,18 @@ gets its own directory.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgephi.runtime import bundle, modelcheck
 from edgephi.runtime.errors import BundleFormatError, EdgeError, StoreError
 from edgephi.runtime.fsutil import atomic_write_bytes, fsync_dir, remove_tree
-from edgephi.runtime.manifest import Manifest
+from edgephi.runtime.manifest import Manifest, is_valid_version, version_key
 from edgephi.runtime.signing import TrustStore
 
 _STALE_STAGING_S = 24 * 3600
@@ -84,25 +86,18 @@ class Store:
         final = self.install_dir(info.manifest)
         if self._is_installed(final, info.manifest):
             return InstalledModel(final, info.manifest, reused=True, verification=info.verification)
+        with self.staging() as staging:
+            extracted = bundle.extract(info.path, staging, policy)
+            if extracted.manifest.digest != info.manifest.digest:
+                raise BundleFormatError("the bundle changed while it was being installed")
+            return self.commit(staging, extracted.manifest, info.verification)
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A fresh staging directory on the store's file system, removed afterwards whatever happens."""
         staging = self._new_staging()
         try:
-            extracted = bundle.extract(info.path, staging, policy)
-            manifest = extracted.manifest
-            if manifest.digest != info.manifest.digest:
-                raise BundleFormatError("the bundle changed while it was being installed")
-            modelcheck.check_model_dir(staging, {f.path for f in manifest.files})
-            atomic_write_bytes(staging / bundle.MANIFEST_MEMBER, manifest.canonical_bytes())
-            fsync_dir(staging)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.rename(staging, final)
-            except OSError:
-                # Another process installed the same manifest first; theirs is as good as ours.
-                if self._is_installed(final, manifest):
-                    return InstalledModel(final, manifest, reused=True, verification=info.verification)
-                raise
-            fsync_dir(final.parent)
-            return InstalledModel(final, manifest, reused=False, verification=info.verification)
+            yield staging
         except OSError as exc:
             if isinstance(exc, EdgeError):
                 raise
@@ -110,15 +105,110 @@ class Store:
         finally:
             remove_tree(staging)
 
-    def installed(self) -> list[InstalledModel]:
+    def commit(
+        self, staging: Path, manifest: Manifest, verification: bundle.Verification | None = None
+    ) -> InstalledModel:
+        """Make a staging directory holding exactly ``manifest``'s verified files an installed version.
+
+        The model files are checked (``modelcheck``), the manifest is written beside them,
+        and the directory is renamed into place in one step.
+        """
+        modelcheck.check_model_dir(staging, {f.path for f in manifest.files})
+        atomic_write_bytes(staging / bundle.MANIFEST_MEMBER, manifest.canonical_bytes())
+        fsync_dir(staging)
+        final = self.install_dir(manifest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(staging, final)
+        except OSError:
+            # Another process installed the same manifest first; theirs is as good as ours.
+            if self._is_installed(final, manifest):
+                return InstalledModel(final, manifest, reused=True, verification=verification)
+            raise
+        fsync_dir(final.parent)
+        return InstalledModel(final, manifest, reused=False, verification=verification)
+
+    def installed(self, name: str | None = None) -> list[InstalledModel]:
         out: list[InstalledModel] = []
         if not self.models_dir.is_dir():
             return out
-        for path in sorted(self.models_dir.glob("*/*")):
+        for path in sorted(self.models_dir.glob(f"{name or '*'}/*")):
+            if not path.is_dir() or path.name.startswith("."):
+                continue
             with contextlib.suppress(OSError, BundleFormatError):
                 manifest = Manifest.from_bytes((path / bundle.MANIFEST_MEMBER).read_bytes())
                 out.append(InstalledModel(path, manifest, reused=True))
         return out
+
+    # --- versions side by side: the current/previous pointers and the accepted-version state ---
+    #
+    # models/<name>/current and models/<name>/previous are small files naming a version
+    # directory. Files rather than symlinks, so the switch works on Windows and Android
+    # storage too; each is replaced by an atomic rename. models/<name>/state.json records the
+    # highest version ever accepted, which updates may not go below.
+
+    def _pointer(self, name: str, which: str) -> InstalledModel | None:
+        try:
+            target = (self.models_dir / name / which).read_text(encoding="utf-8").strip()
+        except OSError:
+            return None
+        path = self.models_dir / name / target
+        if "/" in target or target.startswith(".") or not path.is_dir():
+            return None
+        try:
+            manifest = Manifest.from_bytes((path / bundle.MANIFEST_MEMBER).read_bytes())
+        except (OSError, BundleFormatError):
+            return None
+        return InstalledModel(path, manifest, reused=True)
+
+    def current(self, name: str) -> InstalledModel | None:
+        return self._pointer(name, "current")
+
+    def previous(self, name: str) -> InstalledModel | None:
+        return self._pointer(name, "previous")
+
+    def switch(self, model: InstalledModel) -> None:
+        """Make ``model`` current; the model it replaces becomes ``previous``."""
+        folder = self.models_dir / model.manifest.name
+        old = self.current(model.manifest.name)
+        if old is not None and old.path != model.path:
+            atomic_write_bytes(folder / "previous", old.path.name.encode())
+        atomic_write_bytes(folder / "current", model.path.name.encode())
+
+    def rollback(self, name: str) -> InstalledModel:
+        """Swap current and previous."""
+        old, prev = self.current(name), self.previous(name)
+        if prev is None:
+            raise StoreError(f"{name} has no previous version to roll back to", hint="nothing was changed")
+        folder = self.models_dir / name
+        if old is not None:
+            atomic_write_bytes(folder / "previous", old.path.name.encode())
+        atomic_write_bytes(folder / "current", prev.path.name.encode())
+        return prev
+
+    def highest_accepted(self, name: str) -> str | None:
+        try:
+            value = json.loads((self.models_dir / name / "state.json").read_text(encoding="utf-8"))["highest"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return value if isinstance(value, str) and is_valid_version(value) else None
+
+    def accept(self, name: str, version: str) -> None:
+        """Record ``version`` as accepted; the highest accepted version never goes down."""
+        highest = self.highest_accepted(name)
+        if highest is None or version_key(version) > version_key(highest):
+            data = json.dumps({"highest": version}).encode()
+            atomic_write_bytes(self.models_dir / name / "state.json", data)
+
+    def prune(self, name: str) -> list[Path]:
+        """Remove installed versions of ``name`` other than current and previous."""
+        keep = {m.path for m in (self.current(name), self.previous(name)) if m is not None}
+        if not keep:
+            return []
+        removed = [m.path for m in self.installed(name) if m.path not in keep]
+        for path in removed:
+            remove_tree(path)
+        return removed
 
     def _is_installed(self, final: Path, manifest: Manifest) -> bool:
         try:

@@ -1,0 +1,128 @@
+"""``edge-pack publish``: add a bundle to an update channel folder (``edgephi.runtime.channel``).
+
+The bundle is verified first (every hash; its signature with the publisher's key), then
+copied under ``bundles/``, its manifest and signature under ``manifests/``, and each of
+its files under ``blobs/<sha256>`` unless already there — which is what lets a device
+download only what changed. Last, ``index.json`` is rewritten with the new release and
+signed; the index is the only file devices trust directly, so it is replaced atomically
+and after everything it points to is in place.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import shutil
+import zipfile
+from pathlib import Path
+
+from edgephi.runtime import bundle, channel
+from edgephi.runtime.errors import ChannelError, ConfigError
+from edgephi.runtime.fsutil import atomic_output, atomic_write_bytes
+from edgephi.runtime.manifest import version_key
+from edgephi.runtime.signing import SigningKey, encode_signatures
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
+
+
+def publish(
+    bundle_path: Path,
+    channel_dir: Path,
+    key: SigningKey,
+    *,
+    expires_days: float = 30.0,
+    blobs: bool = True,
+) -> channel.Release:
+    if expires_days <= 0:
+        raise ConfigError(f"expires_days must be positive, not {expires_days}")
+    info = bundle.verify_content(bundle_path, bundle.TrustPolicy({key.key_id: key.public}))
+    m = info.manifest
+    channel_dir.mkdir(parents=True, exist_ok=True)
+    index = _load_index(channel_dir, key)
+    old = index.releases.get(m.name) if index else None
+    if old is not None and version_key(m.version) <= version_key(old.version):
+        raise ConfigError(
+            f"the channel already offers {m.name} {old.version}; publish a higher version than that",
+            hint="rebuild or re-sign with a higher --version",
+        )
+    stem = f"{m.name}-{m.version}"
+    bundle_rel, manifest_rel = f"bundles/{stem}.phi", f"manifests/{stem}.json"
+    with atomic_output(channel_dir / bundle_rel) as tmp:
+        shutil.copyfile(bundle_path, tmp)
+    raw = m.canonical_bytes()
+    with zipfile.ZipFile(bundle_path) as zf:
+        names = zf.namelist()
+        if bundle.SIGNATURE_MEMBER in names:
+            atomic_write_bytes(channel_dir / (manifest_rel + ".sig"), zf.read(bundle.SIGNATURE_MEMBER))
+        if blobs:
+            for entry in m.files:
+                blob = channel_dir / "blobs" / entry.sha256
+                if not blob.exists():
+                    with (
+                        atomic_output(blob) as tmp,
+                        zf.open(bundle.member_name(entry.path)) as src,
+                        open(tmp, "wb") as out,
+                    ):
+                        shutil.copyfileobj(src, out, 1 << 20)
+    atomic_write_bytes(channel_dir / manifest_rel, raw)
+    release = channel.Release(
+        name=m.name,
+        version=m.version,
+        bundle=bundle_rel,
+        size=bundle_path.stat().st_size,
+        sha256=_sha256(bundle_path),
+        manifest=manifest_rel,
+        manifest_sha256=hashlib.sha256(raw).hexdigest(),
+        blobs="blobs" if blobs else "",
+        requires_runtime=m.requires.get("runtime", bundle.MIN_RUNTIME),
+        target={k: m.target.get(k) for k in ("name", "arch", "execution_provider")},
+    )
+    releases = dict(index.releases) if index else {}
+    releases[m.name] = release
+    write_index(channel_dir, releases, key, expires_days)
+    return release
+
+
+def write_index(
+    channel_dir: Path, releases: dict[str, channel.Release], key: SigningKey, expires_days: float
+) -> channel.ChannelIndex:
+    now = _now()
+    index = channel.ChannelIndex(
+        issued_at=now.isoformat(),
+        expires_at=(now + _dt.timedelta(days=expires_days)).isoformat(),
+        releases=releases,
+        signed_by=(key.key_id,),
+    )
+    raw = index.canonical_bytes()
+    # Signature first, then the index: a device that reads between the two sees the old
+    # index with a signature that does not match, and refuses it rather than trusting it.
+    atomic_write_bytes(channel_dir / channel.INDEX_SIG, encode_signatures([key.sign(raw)]))
+    atomic_write_bytes(channel_dir / channel.INDEX, raw)
+    return index
+
+
+def _load_index(channel_dir: Path, key: SigningKey) -> channel.ChannelIndex | None:
+    path = channel_dir / channel.INDEX
+    if not path.exists():
+        return None
+    sig = channel_dir / channel.INDEX_SIG
+    try:
+        # An expired index is still ours to extend, once its signature checks out.
+        return channel.verify_index(
+            path.read_bytes(),
+            sig.read_bytes() if sig.exists() else None,
+            {key.key_id: key.public},
+            allow_expired=True,
+        )
+    except ChannelError as exc:
+        raise ChannelError(f"{path} exists but is not a channel signed by this key: {exc}") from None

@@ -1,0 +1,156 @@
+"""Resumable downloads for updates, with only the standard library.
+
+A file is fetched into ``<dest>.part``. If a ``.part`` is already there — an earlier run
+was interrupted — the request asks for the rest with ``Range`` and ``If-Range`` (the ETag
+or Last-Modified the first response carried, kept in ``<dest>.part.meta``). A server that
+answers 206 gets the rest appended; one that ignores Range, or whose file changed, answers
+200 and the download restarts from zero. The finished file's size and sha256 must match
+what the signed index or manifest promised before it is renamed to ``dest``.
+
+``http(s)://`` and ``file://`` URLs work, and so does a plain folder path (a USB stick).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from edgephi.runtime.errors import DownloadError, IntegrityError
+
+_CHUNK = 1 << 16
+TIMEOUT_S = 60
+Progress = Callable[[int, int], None]
+
+
+def join(base: str, rel: str) -> str:
+    """The URL of ``rel`` inside the channel at ``base`` (a URL or a folder path)."""
+    if "://" not in base:
+        base = Path(base).resolve().as_uri()
+    return urllib.parse.urljoin(base.rstrip("/") + "/", rel)
+
+
+def _open(url: str, headers: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    request = urllib.request.Request(url, headers={"User-Agent": "edgephi-updater", **(headers or {})})
+    try:
+        return urllib.request.urlopen(request, timeout=TIMEOUT_S)
+    except urllib.error.HTTPError as exc:
+        raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise DownloadError(f"cannot fetch {url}: {reason}") from None
+
+
+def fetch_bytes(url: str, limit: int) -> bytes:
+    with _open(url) as resp:
+        data = resp.read(limit + 1)
+    if len(data) > limit:
+        raise DownloadError(f"{url} is larger than the {limit} bytes allowed")
+    return bytes(data)
+
+
+def fetch_optional(url: str, limit: int) -> bytes | None:
+    try:
+        return fetch_bytes(url, limit)
+    except DownloadError:
+        return None
+
+
+def fetch_file(
+    url: str,
+    dest: Path,
+    size: int,
+    sha256: str,
+    progress: Progress | None = None,
+    on_chunk: Callable[[], None] | None = None,
+) -> int:
+    """Download ``url`` to ``dest`` (resuming a ``.part``); return the bytes transferred now."""
+    part = dest.with_name(dest.name + ".part")
+    meta = dest.with_name(dest.name + ".part.meta")
+    have = part.stat().st_size if part.exists() else 0
+    validator = _read_meta(meta) if have else None
+    if have > size:
+        have, validator = 0, None
+    headers = {}
+    if have and validator:
+        headers = {"Range": f"bytes={have}-", "If-Range": validator}
+    transferred = 0
+    with _open(url, headers) as resp:
+        status = getattr(resp, "status", None) or 200
+        if status == 206 and have:
+            mode = "ab"
+        else:
+            # The server ignored Range, or the file changed since the .part began: start over.
+            have, mode = 0, "wb"
+        new_validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
+        if new_validator:
+            meta.write_text(json.dumps({"validator": new_validator}))
+        with open(part, mode) as out:
+            while True:
+                try:
+                    chunk = resp.read(_CHUNK)
+                except OSError as exc:
+                    raise DownloadError(f"download of {url} broke off: {exc}") from None
+                if not chunk:
+                    break
+                if have + transferred + len(chunk) > size:
+                    raise IntegrityError(f"{url} is larger than the {size} bytes it was announced as")
+                out.write(chunk)
+                transferred += len(chunk)
+                if progress:
+                    progress(have + transferred, size)
+                if on_chunk:
+                    out.flush()
+                    on_chunk()
+            out.flush()
+            os.fsync(out.fileno())
+    _check_and_finish(part, meta, dest, size, sha256, url)
+    return transferred
+
+
+def _read_meta(meta: Path) -> str | None:
+    try:
+        value = json.loads(meta.read_text())["validator"]
+        return value if isinstance(value, str) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _check_and_finish(part: Path, meta: Path, dest: Path, size: int, sha256: str, url: str) -> None:
+    actual_size = part.stat().st_size
+    digest = hashlib.sha256()
+    with open(part, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    if actual_size != size or digest.hexdigest() != sha256:
+        part.unlink(missing_ok=True)
+        meta.unlink(missing_ok=True)
+        raise IntegrityError(
+            f"{url}: downloaded {actual_size} bytes with sha256 {digest.hexdigest()[:12]}…, "
+            f"expected {size} bytes with {sha256[:12]}…"
+        )
+    os.replace(part, dest)
+    with contextlib.suppress(OSError):
+        meta.unlink()
+
+
+def terminal_progress(label: str) -> Progress:
+    """A one-line progress bar on stderr when it is a terminal; silent otherwise."""
+    if not sys.stderr.isatty():
+        return lambda done, total: None
+
+    def show(done: int, total: int) -> None:
+        pct = 100 * done // total if total else 100
+        bar = "#" * (pct // 4)
+        end = "\n" if done >= total else ""
+        sys.stderr.write(f"\r{label} [{bar:<25}] {pct:3d}% {done / 1e6:.1f}/{total / 1e6:.1f} MB{end}")
+        sys.stderr.flush()
+
+    return show

@@ -1,0 +1,298 @@
+"""Over-the-air updates against a real HTTP server on 127.0.0.1.
+
+v1 is the tiny Phi-3.5 bundle, signed; v2 changes only tokenizer_config.json (a
+tokenizer-only release); v3 has truncated weights (it verifies, but cannot load).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from channel_server import ChannelServer, serve
+from edgephi.packager import finalize, writer
+from edgephi.packager.publish import publish
+from edgephi.runtime import bundle, load, updater
+from edgephi.runtime.errors import (
+    ChannelError,
+    DowngradeRefused,
+    HealthCheckFailed,
+    IntegrityError,
+    UpdateLocked,
+)
+from edgephi.runtime.options import GenerationOptions
+from edgephi.runtime.signing import SigningKey
+from edgephi.runtime.store import Store
+
+NAME = "phi35-tiny"
+
+
+def derive(v1: Path, out: Path, version: str, key: SigningKey, edit) -> Path:  # type: ignore[no-untyped-def]
+    """A new release of v1: same files but for what ``edit(folder)`` changes."""
+    work = out.with_suffix(".d")
+    installed = Store(work / "store").install(v1, bundle.TrustPolicy({}, skip=True))
+    folder = work / "model"
+    shutil.copytree(installed.path, folder)
+    (folder / "manifest.json").unlink()
+    edit(folder)
+    files = tuple(finalize.file_entries(folder))
+    manifest = dataclasses.replace(installed.manifest, version=version, files=files, signed_by=())
+    writer.write_bundle(out, manifest, folder, [key])
+    shutil.rmtree(work)
+    return out
+
+
+def note(text: str):  # type: ignore[no-untyped-def]
+    def edit(folder: Path) -> None:
+        path = folder / "tokenizer_config.json"
+        path.write_text(path.read_text().rstrip().rstrip("}") + f', "edgephi_note": "{text}"}}\n')
+
+    return edit
+
+
+def truncate_weights(folder: Path) -> None:
+    data = folder / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+
+
+@pytest.fixture(scope="module")
+def key(tmp_path_factory: pytest.TempPathFactory) -> SigningKey:
+    k = SigningKey.generate()
+    k.save(tmp_path_factory.mktemp("publisher") / "publisher.key")
+    return k
+
+
+@pytest.fixture(scope="module")
+def releases(phi3_bundle: Path, key: SigningKey, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("releases")
+    v1 = d / "v1.phi"
+    writer.resign(phi3_bundle, v1, [key])
+    return {
+        "1.0.0": v1,
+        "1.1.0": derive(v1, d / "v2.phi", "1.1.0", key, note("v2")),
+        "1.2.0": derive(v1, d / "v3.phi", "1.2.0", key, truncate_weights),
+        "0.9.0": derive(v1, d / "v0.phi", "0.9.0", key, note("old")),
+    }
+
+
+@pytest.fixture
+def device(tmp_path: Path, key: SigningKey) -> Store:
+    store = Store(tmp_path / "device")
+    pub = tmp_path / "publisher.pub"
+    pub.write_text(key.public.to_text())
+    store.trust.add(pub)
+    return store
+
+
+@pytest.fixture
+def channel(tmp_path: Path) -> Iterator[tuple[Path, ChannelServer]]:
+    folder = tmp_path / "channel"
+    folder.mkdir()
+    with serve(folder) as server:
+        yield folder, server
+
+
+def runs(store: Store, version: str) -> None:
+    """The current version is ``version``, complete (every hash), and generates."""
+    current = store.current(NAME)
+    assert current is not None and current.manifest.version == version
+    for entry in current.manifest.files:
+        path = current.path / entry.path
+        assert path.stat().st_size == entry.size
+    engine = load(NAME, store=store)
+    engine.generate([{"role": "user", "content": "hi"}], GenerationOptions(max_tokens=3, temperature=0))
+    assert engine.last_stats is not None and engine.last_stats.generated_tokens == 3
+
+
+def edge_run(
+    store: Store, *args: str, env: dict[str, str] | None = None, preexec=None
+) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def,type-arg]
+    exe = str(Path(sys.executable).with_name("edge-run"))
+    return subprocess.run(
+        [exe, *args, "--store", str(store.root)] if args[0] in ("update", "rollback") else [exe, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+        preexec_fn=preexec,
+    )
+
+
+def test_update_v1_to_v2_then_rollback(device: Store, channel, releases, key) -> None:  # type: ignore[no-untyped-def]
+    folder, server = channel
+    publish(releases["1.0.0"], folder, key)
+    [first] = updater.update(server.url, NAME, store=device)
+    assert (first.status, first.old_version, first.new_version) == ("updated", None, "1.0.0")
+    runs(device, "1.0.0")
+    publish(releases["1.1.0"], folder, key)
+    assert updater.update(server.url, store=device, check_only=True)[0].status == "available"
+    [second] = updater.update(server.url, store=device)
+    assert (second.status, second.old_version, second.new_version) == ("updated", "1.0.0", "1.1.0")
+    runs(device, "1.1.0")
+    assert updater.update(server.url, store=device)[0].status == "up-to-date"
+    out = edge_run(device, "rollback", NAME)
+    assert out.returncode == 0 and "rolled back to 1.0.0" in out.stdout
+    runs(device, "1.0.0")
+    # Rolling back does not lower the accepted version: updating brings 1.1.0 back.
+    assert updater.update(server.url, store=device)[0].new_version == "1.1.0"
+    runs(device, "1.1.0")
+
+
+def test_a_tokenizer_only_release_downloads_under_one_percent(device: Store, channel, releases, key) -> None:  # type: ignore[no-untyped-def]
+    folder, server = channel
+    publish(releases["1.0.0"], folder, key)
+    updater.update(server.url, NAME, store=device)
+    publish(releases["1.1.0"], folder, key)
+    server.reset_counters()
+    [result] = updater.update(server.url, NAME, store=device)
+    size = releases["1.1.0"].stat().st_size
+    assert server.bytes_sent < size / 100, (server.bytes_sent, size)
+    assert result.downloaded_bytes < size / 100
+    assert not any("model.onnx" in r or "bundles/" in r for r in server.requests)
+
+
+def test_full_bundle_channel_without_blobs(device: Store, channel, releases, key) -> None:  # type: ignore[no-untyped-def]
+    folder, server = channel
+    publish(releases["1.0.0"], folder, key, blobs=False)
+    [result] = updater.update(server.url, NAME, store=device)
+    assert result.downloaded_bytes == releases["1.0.0"].stat().st_size
+    runs(device, "1.0.0")
+
+
+@pytest.mark.parametrize("ignore_range", [False, True])
+def test_an_interrupted_download_resumes(device: Store, channel, releases, key, ignore_range: bool) -> None:  # type: ignore[no-untyped-def]
+    folder, server = channel
+    server.ignore_range = ignore_range
+    publish(releases["1.0.0"], folder, key)
+    killed = edge_run(device, "update", server.url, NAME, env={"EDGEPHI_FAULT_INJECT": "mid-download"})
+    assert killed.returncode == -signal.SIGKILL
+    assert list((device.root / "downloads").glob("*.part"))  # a partial file survived the kill
+    assert device.current(NAME) is None
+    server.reset_counters()
+    done = edge_run(device, "update", server.url, NAME)
+    assert done.returncode == 0, done.stderr
+    assert (server.range_requests > 0) is (not ignore_range)
+    runs(device, "1.0.0")
+
+
+STEPS = ["mid-download", "after-download", "mid-unpack", "before-switch", "after-switch"]
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_kill_9_at_every_step_leaves_a_complete_model(
+    device: Store, channel, releases, key, step: str
+) -> None:  # type: ignore[no-untyped-def]
+    folder, server = channel
+    publish(releases["1.0.0"], folder, key)
+    updater.update(server.url, NAME, store=device)
+    publish(releases["1.1.0"], folder, key)
+    killed = edge_run(device, "update", server.url, NAME, env={"EDGEPHI_FAULT_INJECT": step})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    current = device.current(NAME)
+    assert current is not None
+    runs(device, current.manifest.version)  # old or new, complete either way
+    assert current.manifest.version == ("1.1.0" if step == "after-switch" else "1.0.0")
+    retried = edge_run(device, "update", server.url, NAME)
+    assert retried.returncode == 0, retried.stderr
+    runs(device, "1.1.0")
+    assert device.highest_accepted(NAME) == "1.1.0"
+
+
+def test_refusals_leave_the_device_as_it_was(  # type: ignore[no-untyped-def]
+    device: Store, channel, releases, key, tmp_path: Path
+) -> None:
+    folder, server = channel
+    publish(releases["1.0.0"], folder, key)
+    updater.update(server.url, NAME, store=device)
+    publish(releases["1.1.0"], folder, key)
+    updater.update(server.url, NAME, store=device)
+
+    def unchanged() -> None:
+        runs(device, "1.1.0")
+
+    # A lower version than the highest accepted (from another channel).
+    old = tmp_path / "old-channel"
+    publish(releases["0.9.0"], old, key)
+    with pytest.raises(DowngradeRefused, match=r"0\.9\.0"):
+        updater.update(str(old), NAME, store=device)
+    unchanged()
+    # An expired index.
+    expired = tmp_path / "expired"
+    publish(releases["1.2.0"], expired, key, expires_days=1e-9)
+    with pytest.raises(ChannelError, match="expired"):
+        updater.update(str(expired), NAME, store=device)
+    unchanged()
+    # An index signed by a key the device does not trust.
+    stranger = tmp_path / "stranger"
+    other = SigningKey.generate()
+    writer.resign(releases["1.2.0"], tmp_path / "x.phi", [other])
+    publish(tmp_path / "x.phi", stranger, other)
+    with pytest.raises(ChannelError, match="trusts none"):
+        updater.update(str(stranger), NAME, store=device)
+    unchanged()
+    # A tampered blob on the server.
+    tampered = tmp_path / "tampered"
+    publish(releases["1.2.0"], tampered, key)
+    v3 = bundle.open_bundle(releases["1.2.0"]).manifest
+    new_sha = {f.sha256 for f in v3.files} - {f.sha256 for f in device.current(NAME).manifest.files}  # type: ignore[union-attr]
+    blob = tampered / "blobs" / sorted(new_sha)[0]
+    blob.write_bytes(b"\0" + blob.read_bytes()[1:])
+    with pytest.raises(IntegrityError):
+        updater.update(str(tampered), NAME, store=device)
+    unchanged()
+    # Disk full: the updater's writes fail part-way (a file-size limit stands in for a full disk).
+    publish(releases["1.2.0"], folder, key)
+
+    def small_disk() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+    out = edge_run(device, "update", server.url, NAME, preexec=small_disk)
+    [error] = [line for line in out.stderr.splitlines() if "error:" in line]
+    assert out.returncode == 1 and "could not write" in error and "File too large" in error
+    unchanged()
+
+
+def test_a_failed_health_check_keeps_the_old_version(device: Store, channel, releases, key) -> None:  # type: ignore[no-untyped-def]
+    folder, server = channel
+    publish(releases["1.0.0"], folder, key)
+    updater.update(server.url, NAME, store=device)
+    publish(releases["1.2.0"], folder, key)
+    with pytest.raises(HealthCheckFailed, match=r"1\.2\.0"):
+        updater.update(server.url, NAME, store=device)
+    runs(device, "1.0.0")
+    assert [m.manifest.version for m in device.installed(NAME)] == ["1.0.0"]
+    out = edge_run(device, "update", server.url, NAME)
+    assert out.returncode == 1 and "previous one kept" in out.stderr
+
+
+def test_one_updater_at_a_time(device: Store, channel, releases, key) -> None:  # type: ignore[no-untyped-def]
+    folder, server = channel
+    publish(releases["1.0.0"], folder, key)
+    with updater.update_lock(device):
+        out = edge_run(device, "update", server.url, NAME)
+        assert out.returncode == 1 and "another update is running" in out.stderr
+    with pytest.raises(UpdateLocked), updater.update_lock(device), updater.update_lock(device):
+        pass
+
+
+def test_updates_need_a_trust_store(tmp_path: Path, channel, releases, key) -> None:  # type: ignore[no-untyped-def]
+    folder, server = channel
+    publish(releases["1.0.0"], folder, key)
+    with pytest.raises(ChannelError, match="trusted publisher key"):
+        updater.update(server.url, NAME, store=Store(tmp_path / "bare"))
+
+
+def test_publish_refuses_a_version_not_above_the_channels(channel, releases, key) -> None:  # type: ignore[no-untyped-def]
+    folder, _ = channel
+    publish(releases["1.1.0"], folder, key)
+    with pytest.raises(Exception, match="higher version"):
+        publish(releases["1.0.0"], folder, key)
