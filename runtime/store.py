@@ -6,6 +6,9 @@ Layout under the store root (``EDGEPHI_HOME``, else ``$XDG_DATA_HOME/edgephi``, 
     models/<name>/<version>-<manifest digest[:16]>/   one installed, verified copy
         manifest.json                                 the manifest it was verified against
         <model files>
+    models/<name>/current, previous                   which version runs, and the one before
+    models/<name>/state.json                          the highest version ever accepted
+    downloads/                                        update downloads, kept across restarts
     staging/<random>/                                 an install in progress
     trusted-keys/*.pub                                the trust store (unless EDGEPHI_TRUST is set)
 

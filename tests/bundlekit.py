@@ -76,6 +76,7 @@ def manifest_for(files: dict[str, bytes], **over: Any) -> dict[str, Any]:
         "requires": {"runtime": "0.1.0"},
         "chat_template": False,
         "signed_by": [],
+        "health": {},
         "files": [
             {"path": p, "size": len(b), "sha256": hashlib.sha256(b).hexdigest()} for p, b in files.items()
         ],

@@ -245,6 +245,64 @@ CASES: dict[str, Craft] = {
 }
 
 
+# Why each case must be refused: the error has to say so, not merely fail for some reason.
+REASONS = {
+    "member ../evil": "not listed in the manifest",
+    "member /etc/evil": "not listed in the manifest",
+    "member model/../../evil": "not listed in the manifest",
+    "member with backslashes": "not listed in the manifest",
+    "member with a drive letter": "not listed in the manifest",
+    "manifest path ../evil": "not a plain relative path",
+    "manifest path /abs": "not a plain relative path",
+    "manifest path a/../../b": "not a plain relative path",
+    "manifest path C:x": "not a plain relative path",
+    "manifest path .hidden": "not a plain relative path",
+    "symlink member": "not a regular file",
+    "device member": "not a regular file",
+    "directory member": "not listed in the manifest",
+    "duplicate member (hard-link style)": "appears twice",
+    "case-colliding member": "appears twice",
+    "member not in manifest": "not listed in the manifest",
+    "manifest entry with no member": "does not contain",
+    "members out of order": "not in manifest order",
+    "member size differs from manifest": "the archive says",
+    "truncated at 5%": "not a .phi bundle",
+    "truncated at 50%": "not a .phi bundle",
+    "truncated at 95%": "not a .phi bundle",
+    "truncated by one byte": "not a .phi bundle",
+    "bit flip in manifest": "Bad CRC-32",
+    "bit flip in signature": "Bad CRC-32",
+    "bit flip in genai_config": "content is corrupt",
+    "bit flip in model.onnx": "content is corrupt",
+    "bit flip in weights": "content is corrupt",
+    "bit flip in tokenizer": "content is corrupt",
+    "bit flip in central directory": "not listed in the manifest",
+    "decompression bomb": "compression ratio",
+    "huge member count": "the limit is",
+    "huge manifest": "larger than",
+    "valid signature from an untrusted key": "trusts none",
+    "signature over another manifest": "changed after signing",
+    "files mixed from two signed bundles": "sha256 mismatch",
+    "signature stripped": "carries no signature",
+    "unsigned where signatures are required": "accepts only signed bundles",
+    "non-canonical manifest": "canonical form",
+    "too-new major format version": "not readable by this runtime",
+    "unknown format": "expected 'edgephi-bundle'",
+    "encrypted member": "is encrypted",
+    "not a zip": "not a .phi bundle",
+    "empty file": "not a .phi bundle",
+    "external data ../../etc/passwd": "outside the bundle",
+    "external data /etc/passwd": "outside the bundle",
+    "external data not in bundle": "does not contain",
+    "genai_config loads a custom-op library": "would load code",
+    "genai_config enables profiling": "would load code",
+    "genai_config provider library path": "is a path",
+    "genai_config unknown session option": "not an allowed session option",
+    "genai_config unknown provider": "unknown provider",
+    "genai_config filename outside bundle": "not a plain path inside the bundle",
+}
+
+
 def tree(root: Path) -> dict[str, str]:
     return {
         p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
@@ -264,7 +322,7 @@ def device(tmp_path_factory: pytest.TempPathFactory, phi3_bundle: Path) -> Store
 
 
 def test_there_are_at_least_30_hostile_cases() -> None:
-    assert len(CASES) >= 30
+    assert len(CASES) >= 30 and set(REASONS) == set(CASES)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -278,6 +336,7 @@ def test_hostile_bundle_is_refused(
         device.install(path)
     message = str(info.value)
     assert message and "\n" not in message
+    assert REASONS[case] in message
     assert tree(device.root.parent) == before  # nothing written anywhere, staging cleaned
 
 
