@@ -24,7 +24,7 @@ def smoke_test(model_dir: Path, chat_template: bool) -> dict[str, Any]:
         text = engine.generate(
             [{"role": "user", "content": HEALTH_PROMPT}],
             GenerationOptions(max_tokens=HEALTH_TOKENS, temperature=0.0),
-        )
+        ).text
     except EdgeError as exc:
         raise BuildError(f"the exported model does not run in onnxruntime-genai: {exc}") from None
     if engine.last_stats is None or engine.last_stats.generated_tokens == 0:

@@ -23,6 +23,11 @@ class Conversation:
     messages: list[Message] = field(default_factory=list)
     dropped: int = 0
 
+    def reset(self) -> None:
+        """Forget the exchanges (the system message stays)."""
+        self.messages.clear()
+        self.dropped = 0
+
     def _all(self) -> list[Message]:
         head = [{"role": "system", "content": self.system}] if self.system else []
         return head + self.messages
@@ -53,7 +58,10 @@ class Conversation:
             self.messages.pop()
             raise
         parts: list[str] = []
-        for chunk in self.engine.stream_prompt(prompt, options):
-            parts.append(chunk)
-            yield chunk
-        self.messages.append({"role": "assistant", "content": "".join(parts)})
+        try:
+            for chunk in self.engine.stream_prompt(prompt, options):
+                parts.append(chunk)
+                yield chunk
+        finally:
+            # Also an answer cut short (Ctrl-C) joins the history, so turns keep alternating.
+            self.messages.append({"role": "assistant", "content": "".join(parts)})

@@ -12,7 +12,9 @@ prints chunks as ``Engine.stream`` yields them. ``run`` is the default command, 
 
 from __future__ import annotations
 
+import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -39,78 +41,133 @@ StoreOpt = Annotated[
 ]
 
 
+# Options shared by `run` and `serve`.
+MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="Most new tokens per answer.")]
+Temperature = Annotated[
+    float | None, typer.Option("--temperature", "-t", help="0 = greedy; default: the model's own setting.")
+]
+TopP = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass.")]
+TopK = Annotated[int | None, typer.Option("--top-k", help="Sample from the k likeliest tokens.")]
+MinP = Annotated[float | None, typer.Option("--min-p", help="Drop tokens below min-p x the likeliest.")]
+Seed = Annotated[int | None, typer.Option("--seed", help="Seed for reproducible sampling.")]
+Threads = Annotated[
+    int | None, typer.Option("--threads", help="onnxruntime threads (default: usable cores).")
+]
+Context = Annotated[int | None, typer.Option("--context", help="Context in tokens (default: the bundle's).")]
+MemoryBudget = Annotated[
+    str | None, typer.Option("--memory-budget", help="Memory to plan for, e.g. 2G (default: what is free).")
+]
+SkipVerify = Annotated[
+    bool,
+    typer.Option(
+        "--insecure-skip-verify", help="Run without checking the signature (hashes are still checked)."
+    ),
+]
+ModelArg = Annotated[
+    Path, typer.Argument(help="A .phi bundle, an installed model's name, or an unpacked model folder.")
+]
+
+
+def _load(
+    bundle: Path,
+    store: Path | None,
+    threads: int | None,
+    context: int | None,
+    memory_budget: str | None,
+    insecure_skip_verify: bool,
+) -> Engine:
+    engine = loader.load(
+        bundle,
+        store=Store(store) if store else None,
+        threads=threads,
+        context=context,
+        memory_budget=memory.parse_size(memory_budget) if memory_budget else None,
+        insecure_skip_verify=insecure_skip_verify,
+    )
+    if engine.verification is not None and engine.verification.warning:
+        console.info(engine.verification.warning)
+    if engine.plan is not None and engine.plan.limited_by == "memory":
+        console.info(
+            f"(context limited to {engine.plan.max_length} tokens by the memory budget; `--plan` explains)"
+        )
+    return engine
+
+
 @app.command()
 def run(
-    bundle: Annotated[
-        Path, typer.Argument(help="A .phi bundle, an installed model's name, or an unpacked model folder.")
-    ],
+    bundle: ModelArg,
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Answer this and exit.")] = None,
     system: Annotated[str | None, typer.Option("--system", help="System message.")] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens per answer.")] = 256,
-    temperature: Annotated[
-        float | None,
-        typer.Option("--temperature", "-t", help="0 = greedy; default: the model's own setting."),
+    max_tokens: MaxTokens = 256,
+    min_tokens: Annotated[int, typer.Option("--min-tokens", help="Fewest new tokens per answer.")] = 0,
+    temperature: Temperature = None,
+    top_p: TopP = None,
+    top_k: TopK = None,
+    min_p: MinP = None,
+    seed: Seed = None,
+    repetition_penalty: Annotated[
+        float | None, typer.Option("--repetition-penalty", help="> 1 discourages repeating tokens.")
     ] = None,
-    top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass.")] = None,
-    top_k: Annotated[int | None, typer.Option("--top-k", help="Sample from the k likeliest.")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Seed for reproducible sampling.")] = None,
-    threads: Annotated[
-        int | None,
-        typer.Option("--threads", help="Threads for onnxruntime (default: usable cores)."),
+    no_repeat_ngram: Annotated[
+        int, typer.Option("--no-repeat-ngram", help="Never repeat an n-gram of this size.")
+    ] = 0,
+    num_beams: Annotated[int, typer.Option("--num-beams", help="Beam search with this many beams.")] = 1,
+    length_penalty: Annotated[
+        float, typer.Option("--length-penalty", help="Beam search length penalty.")
+    ] = 1.0,
+    stop: Annotated[
+        list[str] | None, typer.Option("--stop", help="Stop before this text (repeatable).")
     ] = None,
-    context: Annotated[
-        int | None,
-        typer.Option("--context", help="Context length in tokens (default: the bundle's)."),
+    json_schema: Annotated[
+        Path | None, typer.Option("--json-schema", help="Constrain the answer to this JSON schema (a file).")
     ] = None,
+    regex: Annotated[str | None, typer.Option("--regex", help="Constrain the answer to this regex.")] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object per answer (for scripts).")
+    ] = False,
+    threads: Threads = None,
+    context: Context = None,
     stats: Annotated[
         bool, typer.Option("--stats", help="Print a line of statistics after each answer.")
     ] = False,
-    insecure_skip_verify: Annotated[
-        bool,
-        typer.Option(
-            "--insecure-skip-verify", help="Run without checking the signature (hashes are still checked)."
-        ),
-    ] = False,
-    memory_budget: Annotated[
-        str | None,
-        typer.Option("--memory-budget", help="Memory to plan for, e.g. 2G (default: what is free)."),
-    ] = None,
+    insecure_skip_verify: SkipVerify = False,
+    memory_budget: MemoryBudget = None,
     show_plan: Annotated[
         bool, typer.Option("--plan", help="Print the memory plan and exit without loading.")
     ] = False,
     store: StoreOpt = None,
 ) -> None:
-    """Chat with a model bundle, or answer one prompt."""
+    """Chat with a model, or answer one prompt."""
+    if json_schema is not None and not json_schema.is_file():
+        raise ConfigError(f"--json-schema {json_schema} is not a file")
     options = GenerationOptions(
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
+        max_tokens=max_tokens,
+        min_tokens=min_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        seed=seed,
+        repetition_penalty=repetition_penalty,
+        no_repeat_ngram=no_repeat_ngram,
+        num_beams=num_beams,
+        length_penalty=length_penalty,
+        stop=tuple(stop or ()),
+        json_schema=json_schema.read_text(encoding="utf-8") if json_schema else None,
+        regex=regex,
     )
-    budget = memory.parse_size(memory_budget) if memory_budget else None
-    the_store = Store(store) if store else None
     if show_plan:
-        print(
-            loader.plan(
-                bundle,
-                context=context,
-                memory_budget=budget,
-                insecure_skip_verify=insecure_skip_verify,
-                store=the_store,
-            ).describe()
+        budget = memory.parse_size(memory_budget) if memory_budget else None
+        the_plan = loader.plan(
+            bundle,
+            context=context,
+            memory_budget=budget,
+            insecure_skip_verify=insecure_skip_verify,
+            store=Store(store) if store else None,
         )
+        print(the_plan.describe())
         return
-    engine = loader.load(
-        bundle,
-        store=the_store,
-        threads=threads,
-        context=context,
-        memory_budget=budget,
-        insecure_skip_verify=insecure_skip_verify,
-    )
-    if engine.plan is not None and engine.plan.limited_by == "memory":
-        console.info(
-            f"(context limited to {engine.plan.max_length} tokens by the memory budget; `--plan` explains)"
-        )
-    if engine.verification is not None and engine.verification.warning:
-        console.info(engine.verification.warning)
+    engine = _load(bundle, store, threads, context, memory_budget, insecure_skip_verify)
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read().strip()
         if not prompt:
@@ -118,10 +175,14 @@ def run(
                 "stdin was empty", hint="give a prompt with -p, pipe one in, or run on a terminal to chat"
             )
     conversation = Conversation(engine, system=system)
+    printer = _json_answer if as_json else _answer
     if prompt is not None:
-        _answer(conversation, prompt, options, stats)
+        printer(conversation, prompt, options, stats)
         return
-    _chat(conversation, options, stats)
+    _chat(conversation, options, stats, printer)
+
+
+Printer = Callable[[Conversation, str, GenerationOptions, bool], None]
 
 
 def _answer(conversation: Conversation, text: str, options: GenerationOptions, stats: bool) -> None:
@@ -137,21 +198,49 @@ def _answer(conversation: Conversation, text: str, options: GenerationOptions, s
         console.info(conversation.engine.last_stats.line())
 
 
-def _chat(conversation: Conversation, options: GenerationOptions, stats: bool) -> None:
+def _json_answer(conversation: Conversation, text: str, options: GenerationOptions, stats: bool) -> None:
+    dropped = conversation.dropped
+    answer = "".join(conversation.ask(text, options))
+    record: dict[str, object] = {"text": answer, "dropped_exchanges": conversation.dropped - dropped}
+    if conversation.engine.last_stats:
+        record["stats"] = conversation.engine.last_stats.to_dict()
+    print(json.dumps(record, ensure_ascii=False), flush=True)
+
+
+CHAT_HELP = "/reset clears the conversation, /system TEXT sets the system message, /exit or Ctrl-D quits"
+
+
+def _chat(conversation: Conversation, options: GenerationOptions, stats: bool, printer: Printer) -> None:
     engine: Engine = conversation.engine
-    console.info(f"Chatting with the model (context {engine.context} tokens). /exit or Ctrl-D to quit.")
+    console.info(
+        f"Chatting with the model (context {engine.context} tokens). {CHAT_HELP}; Ctrl-C stops an answer."
+    )
     while True:
         try:
             text = input("> ").strip()
         except EOFError:
             console.info("")
             return
+        except KeyboardInterrupt:
+            console.info("")
+            continue
         if not text:
             continue
         if text in ("/exit", "/quit"):
             return
+        if text == "/reset":
+            conversation.reset()
+            console.info("(conversation cleared)")
+            continue
+        if text == "/system" or text.startswith("/system "):
+            conversation.system = text[len("/system") :].strip() or None
+            console.info(f"(system message {'set' if conversation.system else 'removed'})")
+            continue
+        if text.startswith("/"):
+            console.info(CHAT_HELP)
+            continue
         try:
-            _answer(conversation, text, options, stats)
+            printer(conversation, text, options, stats)
         except KeyboardInterrupt:
             # Ctrl-C stops this answer, not the chat.
             console.info("\n(interrupted)")
@@ -228,7 +317,39 @@ def rollback_cmd(
     print(f"{model}: rolled back to {restored.manifest.version}")
 
 
-_COMMANDS = {"run", "list", "trust", "update", "rollback"}
+@app.command()
+def serve(
+    bundle: ModelArg,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on (keep 127.0.0.1 unless you mean it).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port (0 picks a free one).")] = 8080,
+    max_queue: Annotated[int, typer.Option("--max-queue", help="Requests that may wait; more get 503.")] = 8,
+    max_body: Annotated[int, typer.Option("--max-body", help="Largest request body in bytes.")] = 1 << 20,
+    max_tokens: MaxTokens = 256,
+    threads: Threads = None,
+    context: Context = None,
+    memory_budget: MemoryBudget = None,
+    insecure_skip_verify: SkipVerify = False,
+    store: StoreOpt = None,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API until SIGTERM or Ctrl-C."""
+    from edgephi.runtime import server
+
+    engine = _load(bundle, store, threads, context, memory_budget, insecure_skip_verify)
+    name = engine.model_name
+    config = server.ServerConfig(
+        model_name=name,
+        host=host,
+        port=port,
+        max_queue=max_queue,
+        max_body=max_body,
+        max_tokens_default=max_tokens,
+    )
+    server.serve(engine, config, ready=lambda s: console.info(f"serving {name} on {s.url}/v1 (Ctrl-C stops)"))
+
+
+_COMMANDS = {"run", "list", "trust", "update", "rollback", "serve"}
 
 
 def main(argv: list[str] | None = None) -> None:

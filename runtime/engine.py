@@ -12,15 +12,16 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgephi.runtime.errors import ContextOverflow, GenerationError
+from edgephi.runtime.errors import ConfigError, ContextOverflow, EdgeError, GenerationError
 from edgephi.runtime.options import GenerationOptions
 
 Message = dict[str, str]
+LogitsHook = Callable[[list[int], Any], Any]
 
 
 def default_threads() -> int:
@@ -48,6 +49,16 @@ class Stats:
     total_s: float
     finish_reason: str  # "stop" (end of turn), "length" (max_tokens) or "context" (window full)
 
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "ttft_s": round(self.ttft_s, 4),
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
+            "total_s": round(self.total_s, 4),
+            "finish_reason": self.finish_reason,
+        }
+
     def line(self) -> str:
         return (
             f"[{self.prompt_tokens} prompt tokens, {self.generated_tokens} generated, "
@@ -68,6 +79,17 @@ def _fold_system(messages: Sequence[Message]) -> list[Message]:
     return rest
 
 
+@dataclass(frozen=True)
+class Completion:
+    """A whole answer: ``text`` and the ``stats`` of producing it."""
+
+    text: str
+    stats: Stats
+
+    def __str__(self) -> str:
+        return self.text
+
+
 class Engine:
     """One loaded model. Not thread-safe: one generation at a time."""
 
@@ -80,6 +102,12 @@ class Engine:
         chat_template: bool = True,
     ) -> None:
         self.model_dir = Path(model_dir)
+        manifest_file = self.model_dir / "manifest.json"
+        self.model_name = (
+            str(json.loads(manifest_file.read_text(encoding="utf-8")).get("name", self.model_dir.name))
+            if manifest_file.is_file()
+            else self.model_dir.name
+        )
         self.threads = threads or default_threads()
         genai = json.loads((self.model_dir / "genai_config.json").read_text(encoding="utf-8"))
         shipped = int(genai.get("search", {}).get("max_length") or 2048)
@@ -134,13 +162,32 @@ class Engine:
 
     # --- generation ---------------------------------------------------------------------
 
-    def stream(self, messages: Sequence[Message], options: GenerationOptions | None = None) -> Iterator[str]:
-        """Yield the answer to ``messages`` chunk by chunk; stats land in ``last_stats``."""
-        return self.stream_prompt(self.format_prompt(messages), options)
+    def stream(
+        self,
+        messages: Sequence[Message],
+        options: GenerationOptions | None = None,
+        *,
+        logits_hook: LogitsHook | None = None,
+    ) -> Iterator[str]:
+        """Yield the answer to ``messages`` chunk by chunk; stats land in ``last_stats``.
 
-    def stream_prompt(self, prompt: str, options: GenerationOptions | None = None) -> Iterator[str]:
+        ``logits_hook(token_ids, logits) -> logits`` sees the ids generated so far and the
+        next-token logits (a float32 array of the vocabulary size) before each token is
+        chosen, and returns the logits to choose from: custom scoring from Python.
+        """
+        return self.stream_prompt(self.format_prompt(messages), options, logits_hook=logits_hook)
+
+    def stream_prompt(
+        self,
+        prompt: str,
+        options: GenerationOptions | None = None,
+        *,
+        logits_hook: LogitsHook | None = None,
+    ) -> Iterator[str]:
         """Like ``stream`` for a prompt that is already formatted."""
         options = options or GenerationOptions()
+        if logits_hook is not None and options.beam_search:
+            raise ConfigError("a logits hook steers one sequence; use it with num_beams 1")
         og = _og()
         start = time.perf_counter()
         tokens = self._tokenizer.encode(prompt)
@@ -150,56 +197,183 @@ class Engine:
         # og preallocates the KV cache for max_length, so ask only for what this answer can use.
         max_length = min(self.context, n_prompt + options.max_tokens)
         params = og.GeneratorParams(self._model)
-        params.set_search_options(max_length=max_length, **options.search_options())
+        search = options.search_options()
+        if options.min_tokens:
+            search["min_length"] = min(max_length, n_prompt + options.min_tokens)
+        params.set_search_options(max_length=max_length, **search)
+        try:
+            if options.json_schema is not None:
+                params.set_guidance("json_schema", options.json_schema)
+            elif options.regex is not None:
+                params.set_guidance("regex", options.regex)
+        except Exception as exc:
+            raise ConfigError(f"the output constraint was refused: {exc}") from None
         generator = og.Generator(self._model, params)
-        decoder = self._tokenizer.create_stream()
-        return self._loop(generator, decoder, tokens, n_prompt, max_length, options.max_tokens, start)
+        run = _Run(n_prompt, max_length, options, logits_hook, start)
+        return self._loop(generator, tokens, run)
 
-    def _loop(
-        self,
-        generator: Any,
-        decoder: Any,
-        tokens: Any,
-        n_prompt: int,
-        max_length: int,
-        max_tokens: int,
-        start: float,
-    ) -> Iterator[str]:
-        generated = 0
-        first_at = 0.0
-        finish = "cancelled"
+    def _loop(self, generator: Any, tokens: Any, run: _Run) -> Iterator[str]:
+        stops = StopMatcher(run.options.stop)
         try:
             generator.append_tokens(tokens)
-            while not generator.is_done():
-                generator.generate_next_token()
-                token = generator.get_next_tokens()[0]
-                generated += 1
-                if generated == 1:
-                    first_at = time.perf_counter()
-                text = decoder.decode(token)
-                if text:
-                    yield text
-            if n_prompt + generated >= max_length:
-                finish = "length" if generated >= max_tokens else "context"
+            if run.options.beam_search:
+                yield from self._beams(generator, tokens, run, stops)
             else:
-                finish = "stop"
+                decoder = self._tokenizer.create_stream()
+                while not generator.is_done():
+                    if run.needs_logits:
+                        generator.set_logits(run.adjust(generator.get_logits()))
+                    generator.generate_next_token()
+                    token = int(generator.get_next_tokens()[0])
+                    run.took(token)
+                    emit, stopped = stops.feed(decoder.decode(token))
+                    if emit:
+                        yield emit
+                    if stopped:
+                        run.finish = "stop"
+                        return
+                tail = stops.flush()
+                if tail:
+                    yield tail
+            run.finish = run.natural_finish()
         except GeneratorExit:
             raise
         except Exception as exc:
-            raise GenerationError(f"generation failed after {generated} tokens: {exc}") from None
+            if isinstance(exc, EdgeError):
+                raise
+            raise GenerationError(f"generation failed after {run.generated} tokens: {exc}") from None
         finally:
-            end = time.perf_counter()
-            first_at = first_at or end
-            decode_s = end - first_at
-            self.last_stats = Stats(
-                prompt_tokens=n_prompt,
-                generated_tokens=generated,
-                ttft_s=first_at - start,
-                decode_tokens_per_s=(generated - 1) / decode_s if generated > 1 and decode_s > 0 else 0.0,
-                total_s=end - start,
-                finish_reason=finish,
-            )
+            self.last_stats = run.stats()
             del generator
 
-    def generate(self, messages: Sequence[Message], options: GenerationOptions | None = None) -> str:
-        return "".join(self.stream(messages, options))
+    def _beams(self, generator: Any, tokens: Any, run: _Run, stops: StopMatcher) -> Iterator[str]:
+        # Beam search only knows its best sequence at the end, so it streams as one chunk.
+        while not generator.is_done():
+            generator.generate_next_token()
+            run.steps += 1
+            if run.steps == 1:
+                run.first_at = time.perf_counter()
+        best = list(generator.get_sequence(0))[len(tokens) :]
+        run.generated = len(best)
+        run.ids = best
+        emit, stopped = stops.feed(self._tokenizer.decode(best))
+        text = emit + ("" if stopped else stops.flush())
+        if stopped:
+            run.finish = "stop"
+        if text:
+            yield text
+
+    def generate(
+        self,
+        messages: Sequence[Message],
+        options: GenerationOptions | None = None,
+        *,
+        logits_hook: LogitsHook | None = None,
+    ) -> Completion:
+        """The whole answer and its statistics."""
+        text = "".join(self.stream(messages, options, logits_hook=logits_hook))
+        assert self.last_stats is not None
+        return Completion(text, self.last_stats)
+
+
+class StopMatcher:
+    """Cuts the output at the first stop string, even one split across tokens.
+
+    Text that could be the start of a stop string is held back until the next chunk
+    shows whether it is; ``flush`` releases it when generation ends without a stop.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(stops)
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        if not self.stops:
+            return text, False
+        self.pending += text
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i != -1), default=-1)
+        if cut != -1:
+            emit, self.pending = self.pending[:cut], ""
+            return emit, True
+        safe = len(self.pending) - self.hold
+        # Keep back the longest tail that is a prefix of some stop string.
+        for start in range(max(0, safe), len(self.pending)):
+            tail = self.pending[start:]
+            if any(s.startswith(tail) for s in self.stops):
+                emit, self.pending = self.pending[:start], self.pending[start:]
+                return emit, False
+        emit, self.pending = self.pending, ""
+        return emit, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class _Run:
+    """The bookkeeping of one generation: counts, timings, logits adjustments."""
+
+    def __init__(
+        self,
+        n_prompt: int,
+        max_length: int,
+        options: GenerationOptions,
+        hook: LogitsHook | None,
+        start: float,
+    ) -> None:
+        self.n_prompt, self.max_length, self.options, self.hook, self.start = (
+            n_prompt,
+            max_length,
+            options,
+            hook,
+            start,
+        )
+        self.generated = 0
+        self.steps = 0
+        self.ids: list[int] = []
+        self.first_at = 0.0
+        self.finish = "cancelled"
+        self.needs_logits = hook is not None or options.min_p is not None
+
+    def took(self, token: int) -> None:
+        self.generated += 1
+        self.ids.append(token)
+        if self.generated == 1:
+            self.first_at = time.perf_counter()
+
+    def adjust(self, logits: Any) -> Any:
+        import numpy as np
+
+        out = np.array(logits, dtype=np.float32, copy=True)
+        if self.hook is not None:
+            out = np.asarray(self.hook(list(self.ids), out), dtype=np.float32)
+            if out.shape != logits.shape:
+                raise ConfigError(f"the logits hook returned shape {out.shape}, expected {logits.shape}")
+        if self.options.min_p is not None:
+            # min-p: keep tokens whose probability is at least min_p x that of the likeliest.
+            flat = out.reshape(-1)
+            temperature = self.options.temperature or 1.0
+            scaled = flat / temperature
+            probs = np.exp(scaled - scaled.max())
+            flat[probs < self.options.min_p * probs.max()] = -np.inf
+        return out
+
+    def natural_finish(self) -> str:
+        if self.n_prompt + self.generated >= self.max_length:
+            return "length" if self.generated >= self.options.max_tokens else "context"
+        return "stop"
+
+    def stats(self) -> Stats:
+        end = time.perf_counter()
+        first_at = self.first_at or end
+        decode_s = end - first_at
+        n = self.generated
+        return Stats(
+            prompt_tokens=self.n_prompt,
+            generated_tokens=n,
+            ttft_s=first_at - self.start,
+            decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+            total_s=end - self.start,
+            finish_reason=self.finish,
+        )

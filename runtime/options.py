@@ -46,7 +46,9 @@ class GenerationOptions:
         if self.max_tokens < 1:
             raise ConfigError(f"max_tokens must be at least 1, not {self.max_tokens}")
         if not 0 <= self.min_tokens <= self.max_tokens:
-            raise ConfigError(f"min_tokens {self.min_tokens} must be between 0 and max_tokens {self.max_tokens}")
+            raise ConfigError(
+                f"min_tokens {self.min_tokens} must be between 0 and max_tokens {self.max_tokens}"
+            )
         if self.temperature is not None and not 0.0 <= self.temperature <= 10.0:
             raise ConfigError(f"temperature must be between 0 and 10, not {self.temperature}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:

@@ -306,7 +306,7 @@ def check_health(model: InstalledModel) -> None:
     max_tokens = int(golden.get("max_tokens", 4))
     try:
         engine = Engine(model.path, context=256, chat_template=model.manifest.chat_template)
-        text = engine.generate([{"role": "user", "content": prompt}], GenerationOptions(max_tokens, 0.0))
+        text = engine.generate([{"role": "user", "content": prompt}], GenerationOptions(max_tokens, 0.0)).text
     except EdgeError as exc:
         raise HealthCheckFailed(
             f"{model.manifest.name} {model.manifest.version} does not run: {exc}"

@@ -350,5 +350,5 @@ def test_the_installed_model_still_runs(device: Store) -> None:
     engine = load(phi.path)
     assert engine.generate(
         [{"role": "user", "content": "hi"}], GenerationOptions(max_tokens=4, temperature=0)
-    )
+    ).text
     assert engine.last_stats is not None and engine.last_stats.generated_tokens == 4

@@ -86,9 +86,9 @@ def test_phi35_streams_and_matches_the_raw_og_loop(phi3_bundle: Path, store: Sto
 def test_other_families_pack_and_generate(family: str, bundles_dir: Path, store: Store) -> None:
     out = build_bundle(tiny.tiny_model(family), bundles_dir / f"{family}.phi", name=f"tiny-{family}")
     engine = load(out, store=store)
-    first = engine.generate(HELLO, GREEDY)
+    first = engine.generate(HELLO, GREEDY).text
     assert engine.last_stats is not None and engine.last_stats.generated_tokens >= 1
-    assert engine.generate(HELLO, GREEDY) == first  # greedy is deterministic
+    assert engine.generate(HELLO, GREEDY).text == first  # greedy is deterministic
     assert (
         store.install(out).manifest.model["architecture"] == tiny.SPECS[family]["config"]["architectures"][0]
     )
@@ -105,9 +105,12 @@ def test_smollm2_knows_the_capital_of_france(smollm2_bundle: Path) -> None:
 def test_sampling_with_a_seed_is_reproducible(smollm2_bundle: Path, store: Store) -> None:
     engine = load(smollm2_bundle, store=store)
     opts = GenerationOptions(max_tokens=24, temperature=0.9, top_p=0.95, seed=7)
-    a = engine.generate(HELLO, opts)
-    assert engine.generate(HELLO, opts) == a
-    assert engine.generate(HELLO, GenerationOptions(max_tokens=24, temperature=0.9, top_p=0.95, seed=8)) != a
+    a = engine.generate(HELLO, opts).text
+    assert engine.generate(HELLO, opts).text == a
+    assert (
+        engine.generate(HELLO, GenerationOptions(max_tokens=24, temperature=0.9, top_p=0.95, seed=8)).text
+        != a
+    )
 
 
 def test_context_overflow_and_trimming(phi3_bundle: Path, store: Store) -> None:

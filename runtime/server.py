@@ -1,0 +1,385 @@
+"""``edge-run serve``: an OpenAI-compatible HTTP API for one loaded model.
+
+Endpoints: ``POST /v1/chat/completions`` (streamed as server-sent events or not),
+``POST /v1/completions``, ``GET /v1/models``, ``GET /health``. Built on the standard
+library's threading HTTP server, so a device needs nothing more than the runtime.
+
+* It listens on 127.0.0.1 unless told otherwise: a model on a device is not a public service.
+* One generation runs at a time — the memory plan has room for one KV cache — and at most
+  ``max_queue`` requests wait for it; more get 503 with ``Retry-After``.
+* Bodies over ``max_body`` bytes get 413, malformed JSON or options 400, an unknown model
+  404; the error body is OpenAI's ``{"error": {"message", "type", "code"}}``.
+* SIGTERM/SIGINT stop accepting connections and let the requests in flight finish.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Generator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from edgephi.runtime.engine import Engine, Message, Stats
+from edgephi.runtime.errors import ConfigError, ContextOverflow, EdgeError
+from edgephi.runtime.options import GenerationOptions
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model_name: str
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body: int = 1 << 20
+    max_queue: int = 8
+    max_tokens_default: int = 256
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"port {self.port} is not a TCP port")
+        if self.max_queue < 1 or self.max_body < 1024:
+            raise ConfigError("max_queue must be >= 1 and max_body >= 1024 bytes")
+
+
+class ApiError(Exception):
+    def __init__(
+        self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None
+    ):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code = status, message, kind, code
+
+    def body(self) -> bytes:
+        return json.dumps({"error": {"message": self.message, "type": self.kind, "code": self.code}}).encode()
+
+
+def _number(body: dict[str, Any], key: str, kind: type) -> Any:
+    value = body.get(key)
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (kind is int and not isinstance(value, int))
+    ):
+        raise ApiError(400, f"'{key}' must be a {kind.__name__}", code="invalid_value")
+    return kind(value)
+
+
+def options_from(body: dict[str, Any], default_max_tokens: int) -> GenerationOptions:
+    """OpenAI request fields (plus llama.cpp/vLLM-style extras) → ``GenerationOptions``."""
+    if (_number(body, "n", int) or 1) != 1:
+        raise ApiError(400, "only n=1 is supported", code="invalid_value")
+    stop = body.get("stop") or ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise ApiError(400, "'stop' must be a string or a list of strings", code="invalid_value")
+    schema = None
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict):
+        if fmt.get("type") == "json_object":
+            schema = json.dumps({"type": "object"})
+        elif fmt.get("type") == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise ApiError(
+                    400, "response_format.json_schema.schema must be an object", code="invalid_value"
+                )
+            schema = json.dumps(spec["schema"])
+        elif fmt.get("type") not in (None, "text"):
+            raise ApiError(
+                400, f"response_format type {fmt.get('type')!r} is not supported", code="invalid_value"
+            )
+    max_tokens = _number(body, "max_completion_tokens", int) or _number(body, "max_tokens", int)
+    try:
+        return GenerationOptions(
+            max_tokens=max_tokens or default_max_tokens,
+            temperature=_number(body, "temperature", float),
+            top_p=_number(body, "top_p", float),
+            top_k=_number(body, "top_k", int),
+            min_p=_number(body, "min_p", float),
+            seed=_number(body, "seed", int),
+            repetition_penalty=_number(body, "repetition_penalty", float),
+            stop=tuple(stop),
+            json_schema=schema,
+        )
+    except ConfigError as exc:
+        raise ApiError(400, str(exc), code="invalid_value") from None
+
+
+def messages_from(body: dict[str, Any]) -> list[Message]:
+    raw = body.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise ApiError(400, "'messages' must be a non-empty list", code="invalid_value")
+    out: list[Message] = []
+    for m in raw:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
+            raise ApiError(
+                400, "each message needs a role of system, user or assistant", code="invalid_value"
+            )
+        content = m.get("content")
+        if isinstance(content, list):
+            if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
+                raise ApiError(400, "only text content parts are supported", code="invalid_value")
+            content = "".join(str(p.get("text", "")) for p in content)
+        if not isinstance(content, str):
+            raise ApiError(400, "message content must be a string", code="invalid_value")
+        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+    return out
+
+
+class ModelServer:
+    """Serves one ``Engine``; ``serve_forever`` until ``shutdown``."""
+
+    def __init__(self, engine: Engine, config: ServerConfig) -> None:
+        self.engine, self.config = engine, config
+        self._gate = threading.Lock()  # one generation at a time
+        self._count_lock = threading.Lock()
+        self._admitted = 0
+        server = self
+
+        class Handler(_Handler):
+            owner = server
+
+        self.httpd = _HTTPServer((config.host, config.port), Handler)
+        self.httpd.daemon_threads = False  # shutdown waits for requests in flight
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host if isinstance(host, str) else host.decode()}:{port}"
+
+    def serve_forever(self) -> None:
+        self.httpd.serve_forever()
+
+    def shutdown(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def install_signal_handlers(self) -> None:
+        def stop(_signum: int, _frame: object) -> None:
+            threading.Thread(target=self.httpd.shutdown, daemon=True).start()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
+    # --- admission: the queue in front of the one engine ------------------------------
+
+    def admit(self) -> None:
+        with self._count_lock:
+            if self._admitted >= self.config.max_queue + 1:
+                raise ApiError(503, "the model is busy; try again shortly", kind="server_error", code="busy")
+            self._admitted += 1
+
+    def release(self) -> None:
+        with self._count_lock:
+            self._admitted -= 1
+
+    def generate(
+        self, prompt: str, options: GenerationOptions, done: list[Stats]
+    ) -> Generator[str, None, None]:
+        """Stream under the gate; the caller holds an admission. ``done`` receives the stats."""
+        with self._gate:
+            try:
+                yield from self.engine.stream_prompt(prompt, options)
+                if self.engine.last_stats is not None:
+                    done.append(self.engine.last_stats)
+            except ContextOverflow as exc:
+                raise ApiError(400, str(exc), code="context_length_exceeded") from None
+            except ConfigError as exc:
+                raise ApiError(400, str(exc), code="invalid_value") from None
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # a client that went away mid-stream is not the server's problem
+
+
+class _Handler(BaseHTTPRequestHandler):
+    owner: ModelServer
+    server_version = "edgephi"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    # --- plumbing ---------------------------------------------------------------------
+
+    def _send_json(
+        self, status: int, payload: dict[str, Any] | bytes, headers: dict[str, str] | None = None
+    ) -> None:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload, ensure_ascii=False).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _fail(self, exc: ApiError) -> None:
+        headers = {"Retry-After": "1"} if exc.status == 503 else {}
+        if exc.status in (411, 413):
+            headers["Connection"] = "close"
+            self.close_connection = True
+        self._send_json(exc.status, exc.body(), headers)
+
+    def _read_json(self) -> dict[str, Any]:
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise ApiError(411, "a Content-Length header is required")
+        try:
+            size = int(length)
+        except ValueError:
+            raise ApiError(400, "Content-Length is not a number") from None
+        if size > self.owner.config.max_body:
+            raise ApiError(413, f"the request body is over {self.owner.config.max_body} bytes")
+        try:
+            body = json.loads(self.rfile.read(size).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+        model = body.get("model")
+        if model is not None and model != self.owner.config.model_name:
+            raise ApiError(
+                404,
+                f"model {model!r} does not exist; this server has {self.owner.config.model_name!r}",
+                code="model_not_found",
+            )
+        return body
+
+    # --- routes -----------------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        name = self.owner.config.model_name
+        if self.path == "/health":
+            self._send_json(200, {"status": "ok", "model": name, "context": self.owner.engine.context})
+        elif self.path == "/v1/models":
+            model = {"id": name, "object": "model", "created": 0, "owned_by": "edgephi"}
+            self._send_json(200, {"object": "list", "data": [model]})
+        else:
+            self._fail(ApiError(404, f"no route {self.path}", code="not_found"))
+
+    def do_POST(self) -> None:
+        try:
+            if self.path not in ("/v1/chat/completions", "/v1/completions"):
+                raise ApiError(404, f"no route {self.path}", code="not_found")
+            body = self._read_json()
+            chat = self.path == "/v1/chat/completions"
+            options = options_from(body, self.owner.config.max_tokens_default)
+            if chat:
+                prompt = self.owner.engine.format_prompt(messages_from(body))
+            else:
+                raw_prompt = body.get("prompt")
+                if not isinstance(raw_prompt, str) or not raw_prompt:
+                    raise ApiError(400, "'prompt' must be a non-empty string", code="invalid_value")
+                prompt = raw_prompt
+            self.owner.admit()
+        except ApiError as exc:
+            self._fail(exc)
+            return
+        except EdgeError as exc:
+            self._fail(ApiError(400, str(exc)))
+            return
+        try:
+            if body.get("stream"):
+                self._stream(prompt, options, chat)
+            else:
+                self._complete(prompt, options, chat)
+        except ApiError as exc:
+            self._fail(exc)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except EdgeError as exc:
+            self._fail(ApiError(500, str(exc), kind="server_error"))
+        finally:
+            self.owner.release()
+
+    def _envelope(self, chat: bool, rid: str) -> dict[str, Any]:
+        return {
+            "id": rid,
+            "object": ("chat.completion" if chat else "text_completion"),
+            "created": int(time.time()),
+            "model": self.owner.config.model_name,
+        }
+
+    @staticmethod
+    def _usage(done: list[Stats]) -> dict[str, int]:
+        p, c = (done[0].prompt_tokens, done[0].generated_tokens) if done else (0, 0)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    @staticmethod
+    def _finish(done: list[Stats]) -> str:
+        return "length" if done and done[0].finish_reason in ("length", "context") else "stop"
+
+    def _complete(self, prompt: str, options: GenerationOptions, chat: bool) -> None:
+        done: list[Stats] = []
+        text = "".join(self.owner.generate(prompt, options, done))
+        out = self._envelope(chat, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}")
+        choice: dict[str, Any] = {"index": 0, "finish_reason": self._finish(done), "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        out.update(choices=[choice], usage=self._usage(done))
+        self._send_json(200, out)
+
+    def _stream(self, prompt: str, options: GenerationOptions, chat: bool) -> None:
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        done: list[Stats] = []
+        chunks = self.owner.generate(prompt, options, done)
+        # Start generating before the headers, so a bad request still gets a proper status.
+        first = next(chunks, None)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+
+        def event(delta: str | None, finish: str | None = None) -> None:
+            out = self._envelope(chat, rid)
+            out["object"] = "chat.completion.chunk" if chat else "text_completion"
+            if chat:
+                payload: dict[str, Any] = {} if delta is None else {"content": delta}
+                choice: dict[str, Any] = {"index": 0, "delta": payload, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": delta or "", "finish_reason": finish}
+            out["choices"] = [choice]
+            self.wfile.write(b"data: " + json.dumps(out, ensure_ascii=False).encode() + b"\n\n")
+            self.wfile.flush()
+
+        if chat:
+            out = self._envelope(chat, rid)
+            out.update(
+                object="chat.completion.chunk",
+                choices=[{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+            )
+            self.wfile.write(b"data: " + json.dumps(out).encode() + b"\n\n")
+        try:
+            if first is not None:
+                event(first)
+            for chunk in chunks:
+                event(chunk)
+        finally:
+            chunks.close()
+        event(None, self._finish(done))
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+
+
+def serve(engine: Engine, config: ServerConfig, ready: Any = None) -> None:
+    """Run until SIGTERM/SIGINT, then finish the requests in flight."""
+    server = ModelServer(engine, config)
+    server.install_signal_handlers()
+    if ready is not None:
+        ready(server)
+    try:
+        server.serve_forever()
+    finally:
+        server.httpd.server_close()
