@@ -203,6 +203,9 @@ class _Handler(BaseHTTPRequestHandler):
     owner: ModelServer
     server_version = "edgephi"
     protocol_version = "HTTP/1.1"
+    # An idle keep-alive connection is closed after this many seconds, so a shutdown never
+    # waits on clients that hold connections open between requests.
+    timeout = 5
 
     def log_message(self, format: str, *args: Any) -> None:
         pass

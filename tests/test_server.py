@@ -1,0 +1,205 @@
+"""The OpenAI-compatible server, driven by the official ``openai`` client over real sockets."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+from edgephi.runtime import load
+from edgephi.runtime.server import ModelServer, ServerConfig
+from edgephi.runtime.store import Store
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServer]:
+    engine = load(smollm2_bundle, store=Store(tmp_path_factory.mktemp("srv-store")))
+    srv = ModelServer(
+        engine, ServerConfig(model_name=engine.model_name, port=0, max_queue=2, max_body=64 << 10)
+    )
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server: ModelServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def raw(server: ModelServer, method: str, path: str, body: bytes | None = None, headers: dict | None = None):  # type: ignore[no-untyped-def,type-arg]
+    host, port = server.httpd.server_address[:2]
+    conn = http.client.HTTPConnection(str(host), port, timeout=60)
+    conn.request(method, path, body=body, headers=headers or {})
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, (json.loads(data) if data.startswith(b"{") else data), dict(resp.getheaders())
+
+
+def test_models_and_health(server: ModelServer, client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list()] == ["smollm2-135m-instruct"]
+    status, body, _ = raw(server, "GET", "/health")
+    assert status == 200 and body["status"] == "ok"
+
+
+def test_chat_completion(client: openai.OpenAI) -> None:
+    out = client.chat.completions.create(
+        model="smollm2-135m-instruct",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        temperature=0,
+        max_tokens=32,
+    )
+    assert "Paris" in (out.choices[0].message.content or "")
+    assert (
+        out.usage is not None
+        and out.usage.completion_tokens == 32
+        and out.choices[0].finish_reason == "length"
+    )
+
+
+def test_streaming_chat_completion(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="smollm2-135m-instruct",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        temperature=0,
+        max_tokens=24,
+        stream=True,
+    )
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert len([p for p in pieces if p]) > 3 and "Paris" in "".join(pieces)
+
+
+def test_text_completion_and_json_mode(client: openai.OpenAI) -> None:
+    text = client.completions.create(
+        model="smollm2-135m-instruct", prompt="The capital of France is", max_tokens=8, temperature=0
+    )
+    assert text.choices[0].text.strip()
+    out = client.chat.completions.create(
+        model="smollm2-135m-instruct",
+        messages=[{"role": "user", "content": "Give the capital of France as JSON."}],
+        response_format={
+            "type": "json_schema",
+            "json_schema": {
+                "name": "capital",
+                "schema": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string", "maxLength": 20}},
+                    "required": ["city"],
+                    "additionalProperties": False,
+                },
+            },
+        },
+        max_tokens=48,
+        temperature=0,
+    )
+    assert set(json.loads(out.choices[0].message.content or "")) == {"city"}
+
+
+def test_concurrent_requests_complete(client: openai.OpenAI) -> None:
+    def ask(i: int) -> str:
+        out = client.chat.completions.create(
+            model="smollm2-135m-instruct",
+            messages=[{"role": "user", "content": f"Count to {i}."}],
+            max_tokens=8,
+        )
+        return out.choices[0].message.content or ""
+
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(ask, range(3)))
+    assert len(answers) == 3
+
+
+def test_bad_requests_get_http_errors_and_the_server_keeps_serving(
+    server: ModelServer, client: openai.OpenAI
+) -> None:
+    headers = {"Content-Type": "application/json"}
+    status, body, _ = raw(server, "POST", "/v1/chat/completions", b"{not json", headers)
+    assert status == 400 and body["error"]["code"] == "invalid_json"
+    status, body, _ = raw(server, "POST", "/v1/chat/completions", b"x" * (128 << 10), headers)
+    assert status == 413
+    payload = json.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    status, body, _ = raw(server, "POST", "/v1/chat/completions", payload, headers)
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    payload = json.dumps({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}).encode()
+    status, body, _ = raw(server, "POST", "/v1/chat/completions", payload, headers)
+    assert status == 400 and "temperature" in body["error"]["message"]
+    payload = json.dumps({"messages": [{"role": "user", "content": "word " * 5000}]}).encode()
+    status, body, _ = raw(server, "POST", "/v1/chat/completions", payload, headers)
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert raw(server, "GET", "/health")[0] == 200
+    assert (
+        client.chat.completions.create(
+            model="smollm2-135m-instruct", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        )
+        .choices[0]
+        .message.content
+        is not None
+    )
+
+
+def test_busy_past_the_queue_gets_503(server: ModelServer) -> None:
+    payload = json.dumps(
+        {
+            "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": 200,
+            "temperature": 0,
+        }
+    ).encode()
+    headers = {"Content-Type": "application/json"}
+    with ThreadPoolExecutor(8) as pool:
+        statuses = [
+            f.result()[0]
+            for f in [
+                pool.submit(raw, server, "POST", "/v1/chat/completions", payload, headers) for _ in range(8)
+            ]
+        ]
+    assert statuses.count(200) >= 3 and 503 in statuses
+    assert set(statuses) <= {200, 503}
+    assert raw(server, "GET", "/health")[0] == 200
+
+
+def test_sigterm_lets_the_request_in_flight_finish(smollm2_bundle: Path) -> None:
+    exe = str(Path(sys.executable).with_name("edge-run"))
+    proc = subprocess.Popen(
+        [exe, "serve", str(smollm2_bundle), "--port", "0"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ},
+    )
+    try:
+        line = ""
+        deadline = time.monotonic() + 120
+        while "serving" not in line and time.monotonic() < deadline:
+            line = proc.stderr.readline()  # type: ignore[union-attr]
+        url = line.split(" on ")[1].split("/v1")[0]
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        stream = client.chat.completions.create(
+            model="smollm2-135m-instruct",
+            messages=[{"role": "user", "content": "Tell me a story."}],
+            max_tokens=64,
+            temperature=0,
+            stream=True,
+        )
+        first = next(iter(stream))
+        proc.send_signal(signal.SIGTERM)
+        rest = [c.choices[0].finish_reason for c in stream if c.choices]
+        assert first is not None and rest[-1] in ("length", "stop")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
