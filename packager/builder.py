@@ -57,6 +57,8 @@ OPTION_NAMES = (
     "algo_config",
     "kv_cache_quant_scheme",
     "kv_cache_scale_file",
+    "adapter_path",
+    "nodes_to_exclude",
 )
 CALIBRATION_MODULE = "onnxruntime_genai.models.quantization.kv_cache_calibration"
 KV_INT8_SCHEME = "int8_per_channel"
@@ -79,6 +81,8 @@ class ExportRequest:
     algorithm: str = "default"
     tied_embeddings: bool = False
     kv_scale_file: Path | None = None  # calibrated scales: quantise the KV cache to int8
+    adapter_path: Path | None = None  # a PEFT LoRA adapter folder to build in
+    exclude_nodes: tuple[str, ...] = ()  # MatMuls left unquantised (the LoRA ones)
 
     def extra_options(self) -> dict[str, str]:
         # Only the last position's logits are needed to generate; computing them for every
@@ -94,6 +98,10 @@ class ExportRequest:
                 # Asymmetric weights with a shared embedding/lm_head matrix produce a model
                 # onnxruntime rejects; keep the two matrices separate.
                 opts["shared_embeddings"] = "false"
+        if self.adapter_path is not None:
+            opts["adapter_path"] = str(self.adapter_path)
+        if self.exclude_nodes:
+            opts["nodes_to_exclude"] = ",".join(self.exclude_nodes)
         if self.kv_scale_file is not None:
             opts["kv_cache_quant_scheme"] = KV_INT8_SCHEME
             opts["kv_cache_scale_file"] = str(self.kv_scale_file)
@@ -155,6 +163,13 @@ def _missing_packages() -> list[str]:
     return [pip for mod, pip in needed.items() if importlib.util.find_spec(mod) is None]
 
 
+def _missing_for(request: ExportRequest) -> list[str]:
+    missing = _missing_packages()
+    if request.adapter_path is not None and importlib.util.find_spec("peft") is None:
+        missing.append("peft")
+    return missing
+
+
 def _run_logged(argv: list[str], log_path: Path, offline: bool, what: str) -> None:
     env = dict(os.environ)
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -173,7 +188,7 @@ def _run_logged(argv: list[str], log_path: Path, offline: bool, what: str) -> No
 
 def export(request: ExportRequest) -> None:
     """Run the builder; on failure raise ``BuildError`` quoting the builder's own error."""
-    missing = _missing_packages()
+    missing = _missing_for(request)
     if missing:
         raise DependencyMissing(f"packing needs {', '.join(missing)}, which is not installed")
     check_option_names(tuple(request.extra_options()))

@@ -65,10 +65,14 @@ def build(
         Path | None,
         typer.Option("--sign-key", help="Sign the bundle with this private key (edge-pack keygen)."),
     ] = None,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option("--adapter", help="A PEFT LoRA adapter to ship, NAME=PATH or PATH (repeatable)."),
+    ] = None,
     keep_workdir: Annotated[bool, typer.Option("--keep-workdir", help="Keep intermediate files.")] = False,
 ) -> None:
     """Build a bundle from a model."""
-    from edgephi.packager import pipeline
+    from edgephi.packager import adapters, pipeline
 
     config = BuildConfig(
         source=source,
@@ -79,6 +83,7 @@ def build(
         precision=precision,
         context=context,
         sign_key=sign_key,
+        adapters=tuple(adapters.parse(adapter or []).items()),
         keep_workdir=keep_workdir,
     )
     console.info("edge-pack build\n" + config.display())

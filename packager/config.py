@@ -23,6 +23,7 @@ class BuildConfig:
     precision: Precision | None = None
     context: int | None = None
     sign_key: Path | None = None
+    adapters: tuple[tuple[str, Path], ...] = ()  # (name, PEFT LoRA folder), switchable on the device
     keep_workdir: bool = False
 
     def __post_init__(self) -> None:
@@ -71,5 +72,6 @@ class BuildConfig:
             ),
             ("default context", f"{self.effective_context} tokens"),
             ("signing key", str(self.sign_key) if self.sign_key else "(unsigned)"),
+            ("adapters", ", ".join(f"{n}={p}" for n, p in self.adapters) or "(none)"),
         ]
         return "\n".join(f"  {k:<16}{v}" for k, v in rows)

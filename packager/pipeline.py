@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgephi.packager import builder, finalize, sources, validate, writer
+from edgephi.packager import adapters, builder, finalize, sources, validate, writer
 from edgephi.packager.config import BuildConfig
 from edgephi.runtime.bundle import MIN_RUNTIME
 from edgephi.runtime.errors import BuildError
@@ -136,7 +136,10 @@ def _build_in(
             offline=request.source_is_local,
         )
         request = dataclasses.replace(request, kv_scale_file=scales)
-    builder.export(request)
+    if config.adapters:
+        adapters.export_with_adapters(request, dict(config.adapters), workdir, progress)
+    else:
+        builder.export(request)
     if not hf_config:
         hf_config = _downloaded_config(request.cache_dir)
 

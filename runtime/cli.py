@@ -122,6 +122,9 @@ def run(
         Path | None, typer.Option("--json-schema", help="Constrain the answer to this JSON schema (a file).")
     ] = None,
     regex: Annotated[str | None, typer.Option("--regex", help="Constrain the answer to this regex.")] = None,
+    adapter: Annotated[
+        str | None, typer.Option("--adapter", help="Activate this LoRA adapter of the bundle.")
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object per answer (for scripts).")
     ] = False,
@@ -155,6 +158,7 @@ def run(
         stop=tuple(stop or ()),
         json_schema=json_schema.read_text(encoding="utf-8") if json_schema else None,
         regex=regex,
+        adapter=adapter,
     )
     if show_plan:
         budget = memory.parse_size(memory_budget) if memory_budget else None

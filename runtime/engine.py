@@ -132,6 +132,11 @@ class Engine:
         except Exception as exc:  # og raises plain RuntimeError/OSError with its own text
             raise GenerationError(f"onnxruntime-genai could not load {self.model_dir}: {exc}") from None
         self.last_stats: Stats | None = None
+        # LoRA adapters shipped beside the model (edgephi.packager.adapters), loaded on first use.
+        self.adapter_names = sorted(
+            p.name[: -len(".onnx_adapter")] for p in (self.model_dir / "adapters").glob("*.onnx_adapter")
+        )
+        self._adapters: Any = None
         self.verification: Any = None  # set by the loader: how the bundle's origin was checked
         self.plan: Any = None  # set by the loader: the memory plan behind ``context``
 
@@ -209,8 +214,23 @@ class Engine:
         except Exception as exc:
             raise ConfigError(f"the output constraint was refused: {exc}") from None
         generator = og.Generator(self._model, params)
+        if options.adapter is not None:
+            self._activate(generator, options.adapter)
         run = _Run(n_prompt, max_length, options, logits_hook, start)
         return self._loop(generator, tokens, run)
+
+    def _activate(self, generator: Any, name: str) -> None:
+        if name not in self.adapter_names:
+            raise ConfigError(
+                f"adapter {name!r} is not in this model; "
+                f"it has: {', '.join(self.adapter_names) or 'no adapters'}"
+            )
+        if self._adapters is None:
+            adapters = _og().Adapters(self._model)
+            for n in self.adapter_names:
+                adapters.load(str(self.model_dir / "adapters" / f"{n}.onnx_adapter"), n)
+            self._adapters = adapters
+        generator.set_active_adapter(self._adapters, name)
 
     def _loop(self, generator: Any, tokens: Any, run: _Run) -> Iterator[str]:
         stops = StopMatcher(run.options.stop)

@@ -41,6 +41,7 @@ class GenerationOptions:
     stop: tuple[str, ...] = ()
     json_schema: str | None = None
     regex: str | None = None
+    adapter: str | None = None  # a LoRA adapter shipped in the bundle
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

@@ -95,6 +95,11 @@ def options_from(body: dict[str, Any], default_max_tokens: int) -> GenerationOpt
                 400, f"response_format type {fmt.get('type')!r} is not supported", code="invalid_value"
             )
     max_tokens = _number(body, "max_completion_tokens", int) or _number(body, "max_tokens", int)
+    adapter = body.get("adapter")
+    if adapter is not None and not isinstance(adapter, str):
+        raise ApiError(
+            400, "'adapter' must be the name of one of the model's LoRA adapters", code="invalid_value"
+        )
     try:
         return GenerationOptions(
             max_tokens=max_tokens or default_max_tokens,
@@ -106,6 +111,7 @@ def options_from(body: dict[str, Any], default_max_tokens: int) -> GenerationOpt
             repetition_penalty=_number(body, "repetition_penalty", float),
             stop=tuple(stop),
             json_schema=schema,
+            adapter=adapter,
         )
     except ConfigError as exc:
         raise ApiError(400, str(exc), code="invalid_value") from None
@@ -261,7 +267,14 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         name = self.owner.config.model_name
         if self.path == "/health":
-            self._send_json(200, {"status": "ok", "model": name, "context": self.owner.engine.context})
+            engine = self.owner.engine
+            health = {
+                "status": "ok",
+                "model": name,
+                "context": engine.context,
+                "adapters": engine.adapter_names,
+            }
+            self._send_json(200, health)
         elif self.path == "/v1/models":
             model = {"id": name, "object": "model", "created": 0, "owned_by": "edgephi"}
             self._send_json(200, {"object": "list", "data": [model]})

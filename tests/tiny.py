@@ -204,3 +204,27 @@ def tiny_model(name: str) -> Path:
         GenerationConfig(**spec["generation_config"]).save_pretrained(tmp)
     os.replace(tmp, out)
     return out
+
+
+def tiny_lora(name: str, seed: int, model: str = "llama") -> Path:
+    """A random PEFT LoRA adapter (rank 4 on q_proj and v_proj) for the tiny ``model``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = assets.cache_dir() / "tiny" / f"lora-{model}-{name}-{seed}-{_key(model)}"
+    if (out / "adapter_config.json").is_file():
+        return out
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model(model))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(base, config)
+    with torch.no_grad():
+        for param_name, p in peft_model.named_parameters():
+            if "lora_" in param_name:
+                p.normal_(0.0, 0.5)
+    peft_model.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
