@@ -353,7 +353,32 @@ def serve(
     server.serve(engine, config, ready=lambda s: console.info(f"serving {name} on {s.url}/v1 (Ctrl-C stops)"))
 
 
-_COMMANDS = {"run", "list", "trust", "update", "rollback", "serve"}
+@app.command()
+def bench(
+    bundle: ModelArg,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="Prompt length for TTFT.")] = 128,
+    tokens: Annotated[int, typer.Option("--tokens", help="Tokens generated per run.")] = 64,
+    runs: Annotated[int, typer.Option("--runs", help="Measured runs (after one warm-up).")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    threads: Threads = None,
+    context: Context = None,
+    memory_budget: MemoryBudget = None,
+    insecure_skip_verify: SkipVerify = False,
+    store: StoreOpt = None,
+) -> None:
+    """Measure load time, time to first token, decode speed and peak memory on this device."""
+    from edgephi.runtime import bench as benchmark
+
+    result = benchmark.run(
+        lambda: _load(bundle, store, threads, context, memory_budget, insecure_skip_verify),
+        prompt_tokens=prompt_tokens,
+        tokens=tokens,
+        runs=runs,
+    )
+    print(json.dumps(result.to_dict(), indent=2) if as_json else result.table())
+
+
+_COMMANDS = {"run", "list", "trust", "update", "rollback", "serve", "bench"}
 
 
 def main(argv: list[str] | None = None) -> None:
