@@ -14,6 +14,7 @@ reply.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ TURN_END_TOKENS = ("<|end|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|en
 
 def to_hf_folder(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
     """Write ``out_dir`` as a Hugging Face checkpoint folder; return its config dict."""
+    # transformers shows its own tqdm bar per tensor; edge-pack prints its own steps.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

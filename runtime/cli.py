@@ -169,6 +169,9 @@ def run(
             insecure_skip_verify=insecure_skip_verify,
             store=Store(store) if store else None,
         )
+        from edgephi.runtime.device import cpu_info
+
+        print(f"{'device':<10}{cpu_info().describe()}")
         print(the_plan.describe())
         return
     engine = _load(bundle, store, threads, context, memory_budget, insecure_skip_verify)

@@ -10,22 +10,15 @@ planned context and thread count. An already unpacked model folder skips the bun
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 
 from edgephi.runtime import __about__, memory
 from edgephi.runtime.bundle import TrustPolicy, open_bundle
+from edgephi.runtime.device import ARCH_ALIASES, machine_arch
 from edgephi.runtime.engine import Engine, default_threads
 from edgephi.runtime.errors import BundleNotFound, IncompatibleBundle, NotAModel
 from edgephi.runtime.manifest import Manifest, is_valid_name, version_key
 from edgephi.runtime.store import InstalledModel, Store
-
-_ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8": "aarch64"}
-
-
-def machine_arch() -> str:
-    machine = platform.machine().lower()
-    return _ARCH_ALIASES.get(machine, machine)
 
 
 def install(
@@ -46,7 +39,7 @@ def check_runnable(manifest: Manifest, arch: str | None = None) -> None:
             f"{what} was built for the {provider} execution provider; this runtime runs CPU bundles"
         )
     raw_arch = str(manifest.target.get("arch", "any")).lower()
-    wanted = _ARCH_ALIASES.get(raw_arch, raw_arch)
+    wanted = ARCH_ALIASES.get(raw_arch, raw_arch)
     here = arch or machine_arch()
     if wanted not in ("any", here):
         raise IncompatibleBundle(f"{what} was built for {wanted} CPUs; this device is {here}")

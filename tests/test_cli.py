@@ -213,7 +213,7 @@ def test_bundle_for_another_cpu_is_refused_before_unpacking(phi3_bundle: Path, t
     import dataclasses
 
     from edgephi.packager import writer
-    from edgephi.runtime.loader import machine_arch
+    from edgephi.runtime.device import machine_arch
 
     installed = Store().install(phi3_bundle)
     other = "x86_64" if machine_arch() == "aarch64" else "aarch64"

@@ -8,8 +8,8 @@ import zipfile
 import pytest
 from edgephi import targets
 from edgephi.runtime import load
+from edgephi.runtime.device import machine_arch
 from edgephi.runtime.errors import IncompatibleBundle
-from edgephi.runtime.loader import machine_arch
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.store import Store
 
