@@ -227,3 +227,62 @@ def test_bundle_for_another_cpu_is_refused_before_unpacking(phi3_bundle: Path, t
     [line] = proc.stderr.strip().splitlines()
     assert f"built for {other} CPUs" in line and "edge-pack build --target" in line
     assert [m.manifest.digest for m in Store().installed()] == [installed.manifest.digest]
+
+
+def test_json_output_mode(phi3_bundle: Path) -> None:
+    proc = subprocess.run(
+        [*exe("edge-run"), str(phi3_bundle), "-p", "Hi", "-n", "5", "-t", "0", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["text"] and record["stats"]["generated_tokens"] == 5 and record["dropped_exchanges"] == 0
+
+
+def test_chat_commands_reset_and_system(phi3_bundle: Path) -> None:
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [*exe("edge-run"), str(phi3_bundle), "-n", "4", "-t", "0", "--stats"],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        close_fds=True,
+    )
+    os.close(slave)
+    seen = b""
+
+    def wait_for(count: int, marker: bytes) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + 60
+        while seen.count(marker) < count and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.5)[0]:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:
+                    break
+        assert seen.count(marker) >= count, seen.decode(errors="replace")
+
+    try:
+        wait_for(1, b"> ")
+        for i, line in enumerate([b"first question", b"second question"], start=1):
+            os.write(master, line + b"\n")
+            wait_for(i, b"4 generated")
+        os.write(master, b"/reset\n")
+        wait_for(1, b"(conversation cleared)")
+        os.write(master, b"/system You are terse.\n")
+        wait_for(1, b"(system message set)")
+        os.write(master, b"third question\n")
+        wait_for(3, b"4 generated")
+        os.write(master, b"/nonsense\n")
+        wait_for(2, b"/reset clears")  # once in the banner, once as the answer to /nonsense
+        os.write(master, b"/exit\n")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    first, second, third = (int(n) for n in re.findall(rb"\[(\d+) prompt tokens", seen))
+    assert second > first  # history kept
+    assert third < second  # /reset dropped it (the new system message is shorter than an exchange)

@@ -25,6 +25,7 @@ from edgephi.runtime.errors import (
     ChannelError,
     DowngradeRefused,
     HealthCheckFailed,
+    IncompatibleBundle,
     IntegrityError,
     UpdateLocked,
 )
@@ -35,7 +36,7 @@ from edgephi.runtime.store import Store
 NAME = "phi35-tiny"
 
 
-def derive(v1: Path, out: Path, version: str, key: SigningKey, edit) -> Path:  # type: ignore[no-untyped-def]
+def derive(v1: Path, out: Path, version: str, key: SigningKey, edit, **manifest_fields) -> Path:  # type: ignore[no-untyped-def]
     """A new release of v1: same files but for what ``edit(folder)`` changes."""
     work = out.with_suffix(".d")
     installed = Store(work / "store").install(v1, bundle.TrustPolicy({}, skip=True))
@@ -44,7 +45,9 @@ def derive(v1: Path, out: Path, version: str, key: SigningKey, edit) -> Path:  #
     (folder / "manifest.json").unlink()
     edit(folder)
     files = tuple(finalize.file_entries(folder))
-    manifest = dataclasses.replace(installed.manifest, version=version, files=files, signed_by=())
+    manifest = dataclasses.replace(
+        installed.manifest, version=version, files=files, signed_by=(), **manifest_fields
+    )
     writer.write_bundle(out, manifest, folder, [key])
     shutil.rmtree(work)
     return out
@@ -80,6 +83,14 @@ def releases(phi3_bundle: Path, key: SigningKey, tmp_path_factory: pytest.TempPa
         "1.1.0": derive(v1, d / "v2.phi", "1.1.0", key, note("v2")),
         "1.2.0": derive(v1, d / "v3.phi", "1.2.0", key, truncate_weights),
         "0.9.0": derive(v1, d / "v0.phi", "0.9.0", key, note("old")),
+        "2.0.0-arm": derive(
+            v1,
+            d / "v2-arm.phi",
+            "2.0.0",
+            key,
+            note("arm"),
+            target={"name": "rpi5", "execution_provider": "cpu", "arch": "riscv64"},
+        ),
     }
 
 
@@ -237,6 +248,12 @@ def test_refusals_leave_the_device_as_it_was(  # type: ignore[no-untyped-def]
     publish(tmp_path / "x.phi", stranger, other)
     with pytest.raises(ChannelError, match="trusts none"):
         updater.update(str(stranger), NAME, store=device)
+    unchanged()
+    # A bundle for another kind of device.
+    foreign = tmp_path / "foreign"
+    publish(releases["2.0.0-arm"], foreign, key)
+    with pytest.raises(IncompatibleBundle, match="riscv64"):
+        updater.update(str(foreign), NAME, store=device)
     unchanged()
     # A tampered blob on the server.
     tampered = tmp_path / "tampered"
