@@ -23,6 +23,7 @@ import typer
 from edgephi import targets
 from edgephi.packager.config import BuildConfig
 from edgephi.runtime import bundle, console, signing
+from edgephi.runtime.errors import ConfigError
 from edgephi.targets import Precision
 
 PROG = "edge-pack"
@@ -42,6 +43,14 @@ def _size(n: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{n} B"
+
+
+def _fraction(text: str) -> float:
+    """``5%`` or ``0.05`` → 0.05."""
+    try:
+        return float(text[:-1]) / 100 if text.strip().endswith("%") else float(text)
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a fraction like 5% or 0.05") from None
 
 
 @app.command()
@@ -69,6 +78,16 @@ def build(
         list[str] | None,
         typer.Option("--adapter", help="A PEFT LoRA adapter to ship, NAME=PATH or PATH (repeatable)."),
     ] = None,
+    quant: Annotated[
+        str | None, typer.Option("--quant", help="Weight recipe, e.g. rtn-b32, rtn-b128, kquant-mixed-b32.")
+    ] = None,
+    measure: Annotated[
+        bool, typer.Option("--eval", help="Measure and store the quality card (builds an FP32 reference).")
+    ] = False,
+    max_ppl_increase: Annotated[
+        str | None,
+        typer.Option("--max-ppl-increase", help="Fail (write nothing) above this perplexity rise, e.g. 5%."),
+    ] = None,
     keep_workdir: Annotated[bool, typer.Option("--keep-workdir", help="Keep intermediate files.")] = False,
 ) -> None:
     """Build a bundle from a model."""
@@ -84,6 +103,9 @@ def build(
         context=context,
         sign_key=sign_key,
         adapters=tuple(adapters.parse(adapter or []).items()),
+        quant=quant,
+        evaluate=measure,
+        max_ppl_increase=_fraction(max_ppl_increase) if max_ppl_increase is not None else None,
         keep_workdir=keep_workdir,
     )
     console.info("edge-pack build\n" + config.display())
@@ -92,6 +114,17 @@ def build(
     console.info(
         f"wrote {result.output} — {m.name} {m.version}, {m.precision}, target {m.target['name']}, "
         f"{_size(result.output.stat().st_size)}"
+    )
+
+
+def _quality_line(q: dict[str, object]) -> str:
+    if not q:
+        return "not measured (edge-pack build --eval)"
+    ppl, ref, rise = q.get("ppl", 0), q.get("ppl_reference", 0), q.get("ppl_increase", 0)
+    kl, top1 = q.get("kl", 0), q.get("top1_agreement", 0)
+    return (
+        f"PPL {ppl:.2f} vs FP32 {ref:.2f} ({rise:+.1%}), KL {kl:.4f}, top-1 {top1:.0%} "
+        f"on {q.get('text')} [{q.get('recipe')}]"
     )
 
 
@@ -120,6 +153,7 @@ def inspect(
         ("weights", _size(m.memory.get("weights_bytes", 0))),
         ("KV cache", f"{_size(m.memory.get('kv_bytes_per_token', 0))} per token"),
         ("chat template", "yes" if m.chat_template else "no"),
+        ("quality", _quality_line(m.quality)),
         ("signature", f"signed by {', '.join(m.signed_by)}" if m.signed_by else "unsigned"),
         (
             "requires",
@@ -134,6 +168,40 @@ def inspect(
     print(f"files ({len(m.files)}, {_size(m.total_size)}):")
     for f in m.files:
         print(f"  {f.path:<40}{_size(f.size):>12}  {f.sha256[:16]}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[Path, typer.Argument(help="A .phi bundle or an unpacked model folder.")],
+    reference: Annotated[
+        Path | None, typer.Option("--reference", help="The FP32 bundle or folder to compare with.")
+    ] = None,
+    text: Annotated[
+        Path | None, typer.Option("--text", help="Text to evaluate on (default: a licence).")
+    ] = None,
+    window: Annotated[int, typer.Option("--window", help="Tokens per window.")] = 512,
+    windows: Annotated[int, typer.Option("--windows", help="How many windows at most.")] = 4,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Perplexity of a packed model, and KL / top-1 agreement against its reference."""
+    import tempfile
+
+    from edgephi.packager import evaluate
+
+    with tempfile.TemporaryDirectory(prefix="edgepack-eval-") as tmp:
+        folders = []
+        for i, path in enumerate(p for p in (model, reference) if p is not None):
+            if path.is_dir():
+                folders.append(path)
+            else:
+                folder = Path(tmp) / str(i)
+                folder.mkdir()
+                bundle.extract(path, folder)
+                folders.append(folder)
+        result = evaluate.evaluate(
+            folders[0], folders[1] if reference else None, text, window=window, max_windows=windows
+        )
+    print(json.dumps(result.to_dict(), indent=2) if as_json else result.table())
 
 
 KeysOpt = Annotated[

@@ -10,6 +10,17 @@ from edgephi.runtime.errors import ConfigError
 from edgephi.runtime.manifest import is_valid_name, is_valid_version
 from edgephi.targets import ExecutionProvider, Precision, Target
 
+# Named weight-quantisation recipes: (block size, the builder's algorithm).
+QUANT_RECIPES: dict[str, tuple[int, str]] = {
+    "rtn-b16": (16, "rtn"),
+    "rtn-b32": (32, "rtn"),
+    "rtn-b64": (64, "rtn"),
+    "rtn-b128": (128, "rtn"),
+    "rtn-b256": (256, "rtn"),
+    "kquant-b32": (32, "k_quant"),
+    "kquant-mixed-b32": (32, "k_quant_mixed"),
+}
+
 
 @dataclass(frozen=True)
 class BuildConfig:
@@ -24,6 +35,9 @@ class BuildConfig:
     context: int | None = None
     sign_key: Path | None = None
     adapters: tuple[tuple[str, Path], ...] = ()  # (name, PEFT LoRA folder), switchable on the device
+    quant: str | None = None  # a recipe name from QUANT_RECIPES; default: the target's recipe
+    evaluate: bool = False  # measure the quality card against an FP32 build of the same source
+    max_ppl_increase: float | None = None  # fail the build above this relative perplexity increase
     keep_workdir: bool = False
 
     def __post_init__(self) -> None:
@@ -37,6 +51,22 @@ class BuildConfig:
             raise ConfigError(
                 f"name {self.name!r} must be lowercase letters, digits, '.', '_' or '-' (at most 64)"
             )
+        if self.quant is not None and self.quant not in QUANT_RECIPES:
+            raise ConfigError(f"unknown --quant {self.quant!r}; known recipes: {', '.join(QUANT_RECIPES)}")
+        if self.quant is not None and self.effective_precision not in (Precision.INT4, Precision.INT8):
+            raise ConfigError(
+                f"--quant {self.quant} is an INT4/INT8 recipe, "
+                f"but the precision is {self.effective_precision.value}"
+            )
+        if self.measures_quality and self.target.execution_provider is not ExecutionProvider.CPU:
+            raise ConfigError(
+                f"measuring quality runs the model here, on the CPU; target {self.target.name} is "
+                f"{self.target.execution_provider.value}"
+            )
+        if self.max_ppl_increase is not None and not 0 <= self.max_ppl_increase < 10:
+            raise ConfigError(
+                f"max_ppl_increase {self.max_ppl_increase} must be a fraction such as 0.05 (5%)"
+            )
         if self.context is not None and self.context < 64:
             raise ConfigError(f"context {self.context} is below the useful minimum of 64 tokens")
         if (
@@ -47,6 +77,17 @@ class BuildConfig:
                 f"precision fp16 needs a GPU target, but target {self.target.name} runs on the CPU; "
                 "use int4, int8 or fp32 for CPU targets"
             )
+
+    @property
+    def measures_quality(self) -> bool:
+        return self.evaluate or self.max_ppl_increase is not None
+
+    @property
+    def recipe(self) -> tuple[int, str]:
+        """(block size, algorithm) for the builder: ``quant`` if given, else the target's."""
+        if self.quant is not None:
+            return QUANT_RECIPES[self.quant]
+        return self.target.block_size, self.target.algorithm
 
     @property
     def effective_precision(self) -> Precision:
@@ -67,7 +108,8 @@ class BuildConfig:
             ("precision", self.effective_precision.value),
             (
                 "quantisation",
-                f"block {self.target.block_size}, accuracy level {self.target.accuracy_level}, "
+                f"{self.quant or 'target default'}: block {self.recipe[0]}, {self.recipe[1]}, "
+                f"accuracy level {self.target.accuracy_level}, "
                 f"{'symmetric' if self.target.symmetric else 'asymmetric'}",
             ),
             ("default context", f"{self.effective_context} tokens"),

@@ -30,13 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from edgephi.packager import adapters, builder, finalize, sources, validate, writer
-from edgephi.packager.config import BuildConfig
+from edgephi.packager.config import QUANT_RECIPES, BuildConfig
 from edgephi.runtime.bundle import MIN_RUNTIME
 from edgephi.runtime.errors import BuildError
 from edgephi.runtime.fsutil import remove_tree
 from edgephi.runtime.manifest import Manifest
 from edgephi.runtime.signing import SigningKey
-from edgephi.targets import KVCache
+from edgephi.targets import KVCache, Precision
 
 Progress = Callable[[str], None]
 
@@ -68,6 +68,35 @@ def _downloaded_config(cache_dir: Path) -> dict[str, Any]:
             sources.check_architecture(data, str(path))
             return data
     return {}
+
+
+def _quality(
+    config: BuildConfig, request: builder.ExportRequest, onnx_dir: Path, workdir: Path, progress: Progress
+) -> dict[str, Any]:
+    """The quality card: the packed model against an FP32 build of the same source."""
+    from edgephi.packager import evaluate
+
+    progress("      measuring quality against an FP32 build of the same source")
+    reference = dataclasses.replace(
+        request,
+        output_dir=workdir / "reference",
+        precision=Precision.FP32,
+        kv_scale_file=None,
+        adapter_path=None,
+        exclude_nodes=(),
+    )
+    builder.export(reference)
+    result = evaluate.evaluate(onnx_dir, reference.output_dir)
+    for line in result.table().splitlines():
+        progress(f"      {line}")
+    increase = result.ppl_increase or 0.0
+    if config.max_ppl_increase is not None and increase > config.max_ppl_increase:
+        raise BuildError(
+            f"perplexity rose {increase:.1%} against FP32, above the {config.max_ppl_increase:.1%} "
+            "that --max-ppl-increase allows; nothing was written",
+            hint=f"choose a stronger --quant recipe ({', '.join(QUANT_RECIPES)}) or a higher --precision",
+        )
+    return {**result.to_dict(), "recipe": config.quant or f"target {config.target.name}"}
 
 
 def build(config: BuildConfig, progress: Progress = lambda _msg: None) -> BuildResult:
@@ -114,10 +143,10 @@ def _build_in(
         log_path=workdir / "builder.log",
         precision=precision,
         execution_provider=target.execution_provider,
-        block_size=target.block_size,
+        block_size=config.recipe[0],
         accuracy_level=target.accuracy_level,
         symmetric=target.symmetric,
-        algorithm=target.algorithm,
+        algorithm=config.recipe[1],
         tied_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
     )
     progress(
@@ -174,6 +203,11 @@ def _build_in(
     else:
         smoke = ""
         progress(f"      (skipped: {target.execution_provider.value} models cannot run on this CPU host)")
+
+    if config.measures_quality:
+        manifest = dataclasses.replace(
+            manifest, quality=_quality(config, request, onnx_dir, workdir, progress)
+        )
 
     progress(f"[5/5] writing {config.output}" + (f", signed by {keys[0].key_id}" if keys else ""))
     try:

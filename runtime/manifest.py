@@ -24,6 +24,8 @@ Keys, in ``manifest.json``:
 ``requires``              ``runtime``: the oldest edgephi runtime version that can run it
 ``chat_template``         true when the bundle carries a chat template
 ``signed_by``             key ids (16 hex digits) whose signatures ``manifest.sig`` carries
+``quality``               the quality card: perplexity of the packed model and of its FP32
+                          reference on a named text, mean KL, top-1 agreement, the recipe
 ``health``                ``prompt``, ``max_tokens`` and the greedy ``text`` the packager got: the
                           golden answer an update's health check compares with
 ``files``                 list of ``{path, size, sha256}``, one per model file, sorted by path
@@ -119,6 +121,7 @@ class Manifest:
     chat_template: bool = False
     signed_by: tuple[str, ...] = ()
     health: dict[str, Any] = field(default_factory=dict)
+    quality: dict[str, Any] = field(default_factory=dict)
 
     # --- serialisation ------------------------------------------------------------------
 
@@ -139,6 +142,7 @@ class Manifest:
             "chat_template": self.chat_template,
             "signed_by": list(self.signed_by),
             "health": dict(self.health),
+            "quality": dict(self.quality),
             "files": [f.to_dict() for f in self.files],
         }
 
@@ -221,6 +225,9 @@ class Manifest:
             )
         ):
             raise BundleFormatError("manifest health must hold prompt, text and max_tokens (1-64)")
+        quality = data.get("quality", {})
+        if not isinstance(quality, dict) or any(isinstance(v, (dict, list)) for v in quality.values()):
+            raise BundleFormatError("manifest quality must be an object of numbers and strings")
         files = _parse_files(data["files"])
         return cls(
             name=name,
@@ -238,6 +245,7 @@ class Manifest:
             chat_template=data.get("chat_template", False),
             signed_by=tuple(signed_by),
             health=health,
+            quality=quality,
         )
 
 

@@ -77,6 +77,7 @@ def manifest_for(files: dict[str, bytes], **over: Any) -> dict[str, Any]:
         "chat_template": False,
         "signed_by": [],
         "health": {},
+        "quality": {},
         "files": [
             {"path": p, "size": len(b), "sha256": hashlib.sha256(b).hexdigest()} for p, b in files.items()
         ],

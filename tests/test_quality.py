@@ -1,0 +1,74 @@
+"""Quantisation quality you can see: eval, recipes, the quality card and the build gate."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import assets
+import pytest
+import tiny
+from conftest import build_bundle
+from edgephi.packager import evaluate
+from edgephi.packager.cli import app as pack_app
+from edgephi.runtime import bundle
+from edgephi.targets import Precision
+from typer.testing import CliRunner
+
+
+def eval_json(*args: str) -> dict:  # type: ignore[type-arg]
+    result = CliRunner().invoke(pack_app, ["eval", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def test_fp32_against_itself_is_exact(bundles_dir: Path) -> None:
+    fp32 = build_bundle(tiny.tiny_model("llama"), bundles_dir / "llama-fp32.phi", precision=Precision.FP32)
+    data = eval_json(str(fp32), "--reference", str(fp32), "--window", "64", "--windows", "2")
+    assert data["ppl"] == data["ppl_reference"] and data["ppl_increase"] == 0.0
+    assert data["kl"] == pytest.approx(0.0, abs=1e-9) and data["top1_agreement"] == 1.0
+    assert math.isfinite(data["ppl"]) and data["tokens"] == 2 * 63
+    assert data["text"].split(":")[0] == evaluate.default_text().name
+
+
+def test_an_impossible_bar_fails_the_build_and_writes_nothing(tmp_path: Path) -> None:
+    # A real model: INT4 always costs SmolLM2 some perplexity (a random tiny model may even gain).
+    out = tmp_path / "out" / "smollm2.phi"
+    result = CliRunner().invoke(
+        pack_app, ["build", str(assets.smollm2_gguf()), "-o", str(out), "--max-ppl-increase", "0%"]
+    )
+    assert result.exit_code != 0
+    assert isinstance(result.exception, Exception) and "max-ppl-increase" in str(result.exception)
+    assert not out.exists() and list(out.parent.iterdir()) == []
+
+
+def test_the_quality_card_is_stored_and_shown(tmp_path: Path) -> None:
+    out = tmp_path / "llama.phi"
+    result = CliRunner().invoke(
+        pack_app,
+        ["build", str(tiny.tiny_model("llama")), "-o", str(out), "--eval"],
+    )
+    assert result.exit_code == 0, result.output
+    card = bundle.open_bundle(out).manifest.quality
+    assert card["ppl_reference"] > 0 and card["ppl"] > 0 and 0 <= card["top1_agreement"] <= 1
+    assert card["recipe"] == "target cpu"
+    assert "vs FP32" in CliRunner().invoke(pack_app, ["inspect", str(out)]).stdout
+
+
+def test_block_256_scores_worse_than_block_32_on_smollm2(bundles_dir: Path, smollm2_bundle: Path) -> None:
+    gguf = assets.smollm2_gguf()
+    fp32 = build_bundle(gguf, bundles_dir / "smollm2-fp32.phi", precision=Precision.FP32)
+    b256 = build_bundle(gguf, bundles_dir / "smollm2-b256.phi", quant="rtn-b256")
+    args = ["--reference", str(fp32), "--window", "256", "--windows", "2"]
+    default = eval_json(str(smollm2_bundle), *args)
+    coarse = eval_json(str(b256), *args)
+    assert coarse["ppl"] > default["ppl"] > default["ppl_reference"]
+    assert coarse["kl"] > default["kl"] > 0
+
+
+def test_unknown_recipe_lists_the_known_ones(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        pack_app, ["build", str(tiny.tiny_model("llama")), "-o", str(tmp_path / "x.phi"), "--quant", "magic"]
+    )
+    assert result.exit_code != 0 and "rtn-b32" in str(result.exception)
