@@ -41,7 +41,7 @@ StoreOpt = Annotated[
 ]
 
 
-# Options shared by `run` and `serve`.
+# Options of `run`, `serve` and `bench`.
 MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="Most new tokens per answer.")]
 Temperature = Annotated[
     float | None, typer.Option("--temperature", "-t", help="0 = greedy; default: the model's own setting.")

@@ -7,6 +7,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from bundlekit import canonical, onnx_with_external_data
 from edgephi.packager import finalize, writer
 from edgephi.runtime import bundle
 from edgephi.runtime.errors import (
@@ -18,28 +19,6 @@ from edgephi.runtime.errors import (
 )
 from edgephi.runtime.manifest import Manifest
 from edgephi.runtime.store import Store
-
-
-def onnx_with_external_data(location: str) -> bytes:
-    """A small real ONNX model whose one initializer lives in external data at ``location``."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    weight = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[4])
-    weight.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", "0"), ("length", "16")):
-        entry = weight.external_data.add()
-        entry.key, entry.value = key, value
-    node = helper.make_node("Add", ["x", "w"], ["y"])
-    graph = helper.make_graph(
-        [node],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
-        initializer=[weight],
-    )
-    return bytes(onnx.helper.make_model(graph).SerializeToString())
-
 
 GENAI = {
     "model": {"type": "llama", "decoder": {"filename": "model.onnx", "session_options": {"log_id": "x"}}}
@@ -54,10 +33,6 @@ def make_model_dir(root: Path) -> Path:
     (d / "model.onnx.data").write_bytes(bytes(range(256)) * 400)
     (d / "tokenizer.json").write_text(json.dumps({"vocab": ["a", "b"]}))
     return d
-
-
-def canonical(data: dict) -> bytes:  # type: ignore[type-arg]
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def make_manifest(model_dir: Path, **over: object) -> Manifest:
@@ -208,25 +183,22 @@ def test_case_colliding_names_are_refused() -> None:
         Manifest.from_dict(data)
 
 
-def test_newer_major_format_version_asks_for_an_upgrade(good: Path, store: Store, tmp_path: Path) -> None:
+def with_format_version(version: str):  # type: ignore[no-untyped-def]
     def bump(members):  # type: ignore[no-untyped-def]
         info, raw = members[0]
-        data = json.loads(raw)
-        data["format_version"] = "2.0"
-        return [(info, canonical(data)), *members[1:]]
+        return [(info, canonical({**json.loads(raw), "format_version": version})), *members[1:]]
 
+    return bump
+
+
+def test_newer_major_format_version_asks_for_an_upgrade(good: Path, store: Store, tmp_path: Path) -> None:
     with pytest.raises(UnsupportedFormatVersion, match=r"2\.0"):
-        store.install(rezip(good, tmp_path / "v2.phi", bump))
+        store.install(rezip(good, tmp_path / "v2.phi", with_format_version("2.0")))
 
 
 def test_newer_minor_format_version_is_read(good: Path, store: Store, tmp_path: Path) -> None:
-    def bump(members):  # type: ignore[no-untyped-def]
-        info, raw = members[0]
-        data = json.loads(raw)
-        data["format_version"] = "1.7"
-        return [(info, canonical(data)), *members[1:]]
-
-    assert store.install(rezip(good, tmp_path / "v17.phi", bump)).manifest.format_version == "1.7"
+    installed = store.install(rezip(good, tmp_path / "v17.phi", with_format_version("1.7")))
+    assert installed.manifest.format_version == "1.7"
 
 
 def test_manifest_hash_edit_is_detected(good: Path, store: Store, tmp_path: Path) -> None:

@@ -71,43 +71,50 @@ def test_piped_stdin_is_the_prompt(phi3_bundle: Path) -> None:
     assert piped.stdout == direct.stdout
 
 
-def test_interactive_chat_on_a_terminal(phi3_bundle: Path) -> None:
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(
-        [*exe("edge-run"), str(phi3_bundle), "-n", "6", "-t", "0", "--stats"],
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        close_fds=True,
-    )
-    os.close(slave)
-    seen = b""
+class Terminal:
+    """``edge-run`` on a pseudo-terminal, so it sees a real tty and chats."""
 
-    def wait_for(count: int, marker: bytes, timeout: float = 60.0) -> None:
-        nonlocal seen
+    def __init__(self, argv: list[str]) -> None:
+        self.master, slave = pty.openpty()
+        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+        os.close(slave)
+        self.seen = b""
+
+    def type(self, line: bytes) -> None:
+        os.write(self.master, line + b"\n")
+
+    def wait_for(self, count: int, marker: bytes, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
-        while seen.count(marker) < count and time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 0.5)
-            if ready:
+        while self.seen.count(marker) < count and time.monotonic() < deadline:
+            if select.select([self.master], [], [], 0.5)[0]:
                 try:
-                    seen += os.read(master, 4096)
+                    self.seen += os.read(self.master, 4096)
                 except OSError:
                     break
-        assert seen.count(marker) >= count, seen.decode(errors="replace")
+        assert self.seen.count(marker) >= count, self.seen.decode(errors="replace")
 
-    try:
-        wait_for(1, b"> ")
-        os.write(master, b"first question\n")
-        wait_for(1, b"6 generated")
-        os.write(master, b"second question\n")
-        wait_for(2, b"6 generated")
-        os.write(master, b"/exit\n")
-        assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.close(master)
-    first, second = (int(n) for n in re.findall(rb"\[(\d+) prompt tokens", seen))
+    def close(self) -> int:
+        try:
+            return self.proc.wait(timeout=60)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            os.close(self.master)
+
+    def prompt_tokens(self) -> list[int]:
+        return [int(n) for n in re.findall(rb"\[(\d+) prompt tokens", self.seen)]
+
+
+def test_interactive_chat_on_a_terminal(phi3_bundle: Path) -> None:
+    term = Terminal([*exe("edge-run"), str(phi3_bundle), "-n", "6", "-t", "0", "--stats"])
+    term.wait_for(1, b"> ")
+    term.type(b"first question")
+    term.wait_for(1, b"6 generated")
+    term.type(b"second question")
+    term.wait_for(2, b"6 generated")
+    term.type(b"/exit")
+    assert term.close() == 0
+    first, second = term.prompt_tokens()
     assert second > first + 6  # the second prompt carries the first exchange
 
 
@@ -242,47 +249,21 @@ def test_json_output_mode(phi3_bundle: Path) -> None:
 
 
 def test_chat_commands_reset_and_system(phi3_bundle: Path) -> None:
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(
-        [*exe("edge-run"), str(phi3_bundle), "-n", "4", "-t", "0", "--stats"],
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        close_fds=True,
-    )
-    os.close(slave)
-    seen = b""
-
-    def wait_for(count: int, marker: bytes) -> None:
-        nonlocal seen
-        deadline = time.monotonic() + 60
-        while seen.count(marker) < count and time.monotonic() < deadline:
-            if select.select([master], [], [], 0.5)[0]:
-                try:
-                    seen += os.read(master, 4096)
-                except OSError:
-                    break
-        assert seen.count(marker) >= count, seen.decode(errors="replace")
-
-    try:
-        wait_for(1, b"> ")
-        for i, line in enumerate([b"first question", b"second question"], start=1):
-            os.write(master, line + b"\n")
-            wait_for(i, b"4 generated")
-        os.write(master, b"/reset\n")
-        wait_for(1, b"(conversation cleared)")
-        os.write(master, b"/system You are terse.\n")
-        wait_for(1, b"(system message set)")
-        os.write(master, b"third question\n")
-        wait_for(3, b"4 generated")
-        os.write(master, b"/nonsense\n")
-        wait_for(2, b"/reset clears")  # once in the banner, once as the answer to /nonsense
-        os.write(master, b"/exit\n")
-        assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.close(master)
-    first, second, third = (int(n) for n in re.findall(rb"\[(\d+) prompt tokens", seen))
+    term = Terminal([*exe("edge-run"), str(phi3_bundle), "-n", "4", "-t", "0", "--stats"])
+    term.wait_for(1, b"> ")
+    for i, line in enumerate([b"first question", b"second question"], start=1):
+        term.type(line)
+        term.wait_for(i, b"4 generated")
+    term.type(b"/reset")
+    term.wait_for(1, b"(conversation cleared)")
+    term.type(b"/system You are terse.")
+    term.wait_for(1, b"(system message set)")
+    term.type(b"third question")
+    term.wait_for(3, b"4 generated")
+    term.type(b"/nonsense")
+    term.wait_for(2, b"/reset clears")  # once in the banner, once as the answer to /nonsense
+    term.type(b"/exit")
+    assert term.close() == 0
+    first, second, third = term.prompt_tokens()
     assert second > first  # history kept
     assert third < second  # /reset dropped it (the new system message is shorter than an exchange)
