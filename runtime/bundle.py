@@ -41,7 +41,7 @@ from edgephi.runtime.errors import (
     IntegrityError,
     SignatureError,
 )
-from edgephi.runtime.manifest import MAX_FILES, Manifest, check_member_path
+from edgephi.runtime.manifest import MAX_FILES, Manifest, check_member_path, is_canonical
 
 MANIFEST_MEMBER = "manifest.json"
 SIGNATURE_MEMBER = "manifest.sig"
@@ -216,7 +216,7 @@ def read_signed_manifest(
         )
     verification = _verify(raw, signed_by, signatures, policy)
     manifest = Manifest.from_bytes(raw)
-    if raw != manifest.canonical_bytes():
+    if not is_canonical(raw):
         raise BundleFormatError(f"{MANIFEST_MEMBER} is not in canonical form (sorted keys, no whitespace)")
     return manifest, verification, signatures
 

@@ -31,17 +31,13 @@ from typing import Any
 from edgephi.runtime import signing
 from edgephi.runtime.bundle import claimed_signers
 from edgephi.runtime.errors import ChannelError, EdgeError
-from edgephi.runtime.manifest import check_member_path, is_valid_name, is_valid_version
+from edgephi.runtime.manifest import canonical_json, check_member_path, is_valid_name, is_valid_version
 
 INDEX = "index.json"
 INDEX_SIG = "index.sig"
 FORMAT = "edgephi-channel"
 FORMAT_VERSION = "1.0"
 MAX_INDEX_BYTES = 4 << 20
-
-
-def canonical(data: dict[str, Any]) -> bytes:
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def parse_time(value: str) -> _dt.datetime:
@@ -126,7 +122,7 @@ class ChannelIndex:
         }
 
     def canonical_bytes(self) -> bytes:
-        return canonical(self.to_dict())
+        return canonical_json(self.to_dict())
 
     @property
     def expired(self) -> bool:

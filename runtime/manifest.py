@@ -54,8 +54,21 @@ _KEY_ID_RE = re.compile(r"^[0-9a-f]{16}$")
 _PATH_PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 _PRECISIONS = ("int4", "int8", "fp16", "fp32")
 _REQUIRED = ("format", "format_version", "name", "version", "precision", "target", "files")
+_OMIT_WHEN_EMPTY = ("health", "quality")
 MAX_FILES = 256
 MAX_PATH_LENGTH = 200
+
+
+def canonical_json(data: Any) -> bytes:
+    """Sorted keys, no insignificant whitespace, UTF-8: the one serialisation that is signed."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def is_canonical(raw: bytes) -> bool:
+    try:
+        return raw == canonical_json(json.loads(raw.decode("utf-8")))
+    except (UnicodeDecodeError, ValueError):
+        return False
 
 
 def is_valid_name(name: str) -> bool:
@@ -147,8 +160,13 @@ class Manifest:
         }
 
     def canonical_bytes(self) -> bytes:
-        """The exact bytes that are stored, hashed and signed."""
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        """The exact bytes this writer stores, hashes and signs.
+
+        Optional keys added by later minor versions are left out while empty, so a
+        manifest written before they existed reads back to the same bytes.
+        """
+        data = {k: v for k, v in self.to_dict().items() if not (k in _OMIT_WHEN_EMPTY and not v)}
+        return canonical_json(data)
 
     @property
     def digest(self) -> str:

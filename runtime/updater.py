@@ -162,7 +162,8 @@ def _update_one(
     policy = bundle.TrustPolicy.from_store(store.trust)
     manifest = _fetch_manifest(channel_url, release, policy)
     if current is not None and current.manifest.digest == manifest.digest:
-        store.accept(name, release.version)  # finishes an update killed between switch and commit
+        # Also finishes an update killed between the switch and the commit.
+        _commit(store, name, release.version, manifest)
         return UpdateResult(name, "up-to-date", old, release.version)
     check_runnable(manifest)
     if check_only:
@@ -212,15 +213,21 @@ def _update_one(
         try:
             check_health(installed)
         except HealthCheckFailed:
-            if current is None or installed.path != current.path:
+            # Remove only what this update unpacked: a reused directory may be `previous`.
+            if not installed.reused:
                 remove_tree(installed.path)
             raise
     store.switch(installed)
     _fault("after-switch")
-    store.accept(name, release.version)
-    store.prune(name)
-    _clean_downloads(downloads, manifest)
+    _commit(store, name, release.version, manifest)
     return UpdateResult(name, "updated", old, release.version, fetched)
+
+
+def _commit(store: Store, name: str, version: str, manifest: Manifest) -> None:
+    """Record the version as accepted, prune old versions, drop finished downloads."""
+    store.accept(name, version)
+    store.prune(name)
+    _clean_downloads(store.root / "downloads", manifest)
 
 
 def _fetch_manifest(channel_url: str, release: channel.Release, policy: bundle.TrustPolicy) -> Manifest:

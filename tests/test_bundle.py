@@ -233,3 +233,15 @@ def test_failed_write_keeps_the_previous_bundle(model_dir: Path, good: Path) -> 
         writer.write_bundle(good, manifest, model_dir)
     assert good.read_bytes() == before
     assert sorted(p.name for p in good.parent.iterdir() if p.suffix == ".tmp") == []
+
+
+def test_a_manifest_from_before_the_optional_keys_still_reads(store: Store, tmp_path: Path) -> None:
+    from bundlekit import craft, default_files, manifest_for, members_for
+
+    files = default_files()
+    data = manifest_for(files)
+    del data["health"], data["quality"]  # written before these keys existed
+    path = craft(tmp_path / "old.phi", data, members_for(files))
+    installed = store.install(path)
+    assert installed.manifest.canonical_bytes() == canonical(data)  # same bytes, same digest
+    assert store.install(path).reused
