@@ -12,6 +12,7 @@ from edgephi.targets import ExecutionProvider, Precision, Target
 
 # Named weight-quantisation recipes: (block size, the builder's algorithm).
 QUANT_RECIPES: dict[str, tuple[int, str]] = {
+    "default-b32": (32, "default"),  # the CPU targets' recipe
     "rtn-b16": (16, "rtn"),
     "rtn-b32": (32, "rtn"),
     "rtn-b64": (64, "rtn"),

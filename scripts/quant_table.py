@@ -74,7 +74,8 @@ def main() -> None:
         )
     lines += [
         "",
-        "`rtn-bN` is round-to-nearest INT4 in blocks of N weights; `kquant-*` are the builder's k-quant",
+        "`default-b32` is the CPU targets' recipe (the quantizer's default round-to-nearest); `rtn-bN`",
+        "is the builder's explicit RTN in blocks of N weights; `kquant-*` are the builder's k-quant",
         "methods (`kquant-mixed` keeps the most sensitive MatMuls in INT8, which costs size). Build with",
         "`edge-pack build … --quant NAME`; `--eval` stores these numbers in the bundle (its quality card)",
         "and `--max-ppl-increase 5%` refuses a build that loses more.",
