@@ -151,36 +151,32 @@ def test_manifest_not_first_is_refused(good: Path, store: Store, tmp_path: Path)
         store.install(bad)
 
 
+def minimal_manifest(files: list[dict]) -> dict:  # type: ignore[type-arg]
+    return {
+        "format": "edgephi-bundle",
+        "format_version": "1.0",
+        "name": "x",
+        "version": "1.0.0",
+        "precision": "int4",
+        "target": {},
+        "files": files,
+    }
+
+
 @pytest.mark.parametrize(
     "path", ["../evil", "/etc/passwd", "a/../../b", "C:/x", "a\\b", ".hidden", "a//b", ""]
 )
 def test_unsafe_paths_in_manifest_are_refused(path: str) -> None:
-    data = {
-        "format": "edgephi-bundle",
-        "format_version": "1.0",
-        "name": "x",
-        "version": "1.0.0",
-        "precision": "int4",
-        "target": {},
-        "files": [{"path": path, "size": 1, "sha256": "0" * 64}],
-    }
     with pytest.raises(BundleFormatError):
-        Manifest.from_dict(data)
+        Manifest.from_dict(minimal_manifest([{"path": path, "size": 1, "sha256": "0" * 64}]))
 
 
 def test_case_colliding_names_are_refused() -> None:
     entry = {"size": 1, "sha256": "0" * 64}
-    data = {
-        "format": "edgephi-bundle",
-        "format_version": "1.0",
-        "name": "x",
-        "version": "1.0.0",
-        "precision": "int4",
-        "target": {},
-        "files": [{"path": "Model.onnx", **entry}, {"path": "model.onnx", **entry}],
-    }
     with pytest.raises(BundleFormatError, match="twice"):
-        Manifest.from_dict(data)
+        Manifest.from_dict(
+            minimal_manifest([{"path": "Model.onnx", **entry}, {"path": "model.onnx", **entry}])
+        )
 
 
 def with_format_version(version: str):  # type: ignore[no-untyped-def]
