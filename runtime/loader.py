@@ -142,12 +142,12 @@ def load(
     store = store or Store()
     policy = TrustPolicy.from_store(store.trust, skip=insecure_skip_verify)
     # Refuse a bundle for another device, or one that cannot fit, before unpacking it.
-    header = open_bundle(path, policy).manifest
-    check_runnable(header)
+    checked = open_bundle(path, policy)
+    check_runnable(checked.manifest)
     mem_plan = memory.plan(
-        memory.ModelShape.from_manifest(header), requested=context, budget=budget, budget_source=why
+        memory.ModelShape.from_manifest(checked.manifest), requested=context, budget=budget, budget_source=why
     )
-    installed = store.install(path, policy)
+    installed = store.install(path, policy, checked)
     engine = Engine(
         installed.path,
         threads=choose_threads(threads, installed.manifest),

@@ -78,14 +78,21 @@ class Store:
     def trust(self) -> TrustStore:
         return TrustStore.default(self.root)
 
-    def install(self, bundle_path: Path, policy: bundle.TrustPolicy | None = None) -> InstalledModel:
+    def install(
+        self,
+        bundle_path: Path,
+        policy: bundle.TrustPolicy | None = None,
+        checked: bundle.BundleInfo | None = None,
+    ) -> InstalledModel:
         """Verify and unpack ``bundle_path``, or reuse the copy installed from the same manifest.
 
         The signature policy is checked on every call, also when an installed copy is
         reused, so adding a trust store takes effect for models installed before it.
+        ``checked`` is the result of ``bundle.open_bundle`` under the same policy, when the
+        caller already has it; the content is hashed during extraction either way.
         """
         policy = policy or bundle.TrustPolicy.from_store(self.trust)
-        info = bundle.open_bundle(Path(bundle_path), policy)
+        info = checked if checked is not None else bundle.open_bundle(Path(bundle_path), policy)
         final = self.install_dir(info.manifest)
         if self._is_installed(final, info.manifest):
             return InstalledModel(final, info.manifest, reused=True, verification=info.verification)
