@@ -24,7 +24,7 @@ from edgephi import targets
 from edgephi.packager.config import BuildConfig
 from edgephi.runtime import bundle, console, signing
 from edgephi.runtime.errors import ConfigError
-from edgephi.targets import Precision
+from edgephi.targets import ModelFormat, Precision
 
 PROG = "edge-pack"
 
@@ -79,7 +79,13 @@ def build(
         typer.Option("--adapter", help="A PEFT LoRA adapter to ship, NAME=PATH or PATH (repeatable)."),
     ] = None,
     quant: Annotated[
-        str | None, typer.Option("--quant", help="Weight recipe, e.g. rtn-b32, rtn-b128, kquant-mixed-b32.")
+        str | None, typer.Option("--quant", help="Weight recipe, e.g. hqq-b32, rtn-b128, kquant-mixed-b32.")
+    ] = None,
+    model_format: Annotated[
+        ModelFormat | None,
+        typer.Option(
+            "--format", help="Decoder file format: onnx, or ort for mobile (default: the target's)."
+        ),
     ] = None,
     measure: Annotated[
         bool, typer.Option("--eval", help="Measure and store the quality card (builds an FP32 reference).")
@@ -104,6 +110,7 @@ def build(
         sign_key=sign_key,
         adapters=tuple(adapters.parse(adapter or []).items()),
         quant=quant,
+        model_format=model_format,
         evaluate=measure,
         max_ppl_increase=_fraction(max_ppl_increase) if max_ppl_increase is not None else None,
         keep_workdir=keep_workdir,
@@ -115,6 +122,8 @@ def build(
         f"wrote {result.output} — {m.name} {m.version}, {m.precision}, target {m.target['name']}, "
         f"{_size(result.output.stat().st_size)}"
     )
+    if m.quality:
+        console.info(f"quality: {_quality_line(m.quality)}")
 
 
 def _quality_line(q: dict[str, object]) -> str:

@@ -8,9 +8,9 @@ from pathlib import Path
 from edgephi.runtime.bundle import SUFFIX
 from edgephi.runtime.errors import ConfigError
 from edgephi.runtime.manifest import is_valid_name, is_valid_version
-from edgephi.targets import ExecutionProvider, Precision, Target
+from edgephi.targets import ExecutionProvider, ModelFormat, Precision, Target
 
-# Named weight-quantisation recipes: (block size, the builder's algorithm).
+# Named weight-quantisation recipes: (block size, algorithm: the builder's, or edgephi's hqq).
 QUANT_RECIPES: dict[str, tuple[int, str]] = {
     "default-b32": (32, "default"),  # the CPU targets' recipe
     "rtn-b16": (16, "rtn"),
@@ -20,6 +20,11 @@ QUANT_RECIPES: dict[str, tuple[int, str]] = {
     "rtn-b256": (256, "rtn"),
     "kquant-b32": (32, "k_quant"),
     "kquant-mixed-b32": (32, "k_quant_mixed"),
+    # onnxruntime's HQQ over the builder's FP32 graph (edgephi.packager.hqq): float zero
+    # points, so 8 bytes of scale and zero per block instead of the default's 4.
+    "hqq-b32": (32, "hqq"),
+    "hqq-b64": (64, "hqq"),
+    "hqq-b128": (128, "hqq"),
 }
 
 
@@ -39,6 +44,7 @@ class BuildConfig:
     quant: str | None = None  # a recipe name from QUANT_RECIPES; default: the target's recipe
     evaluate: bool = False  # measure the quality card against an FP32 build of the same source
     max_ppl_increase: float | None = None  # fail the build above this relative perplexity increase
+    model_format: ModelFormat | None = None  # default: the target's
     keep_workdir: bool = False
 
     def __post_init__(self) -> None:
@@ -59,6 +65,25 @@ class BuildConfig:
                 f"--quant {self.quant} is an INT4/INT8 recipe, "
                 f"but the precision is {self.effective_precision.value}"
             )
+        if (
+            self.quant is not None
+            and self.recipe[1] == "hqq"
+            and self.effective_precision is not Precision.INT4
+        ):
+            raise ConfigError(f"--quant {self.quant} is an INT4 recipe, but the precision is int8")
+        if self.uses_hqq and self.adapters:
+            raise ConfigError(
+                "switchable LoRA adapters are built with the builder's own quantisation; "
+                "choose a --quant that is not hqq-*, or build without --adapter"
+            )
+        if self.effective_model_format is ModelFormat.ORT:
+            if self.target.execution_provider is not ExecutionProvider.CPU:
+                raise ConfigError(
+                    f"--format ort is built here for CPU targets; {self.target.name} is "
+                    f"{self.target.execution_provider.value}"
+                )
+            if self.adapters:
+                raise ConfigError("--format ort cannot carry switchable LoRA adapters; use --format onnx")
         if self.measures_quality and self.target.execution_provider is not ExecutionProvider.CPU:
             raise ConfigError(
                 f"measuring quality runs the model here, on the CPU; target {self.target.name} is "
@@ -95,6 +120,15 @@ class BuildConfig:
         return self.precision or self.target.precision
 
     @property
+    def uses_hqq(self) -> bool:
+        """HQQ runs on the builder's FP32 graph; only INT4 builds use it."""
+        return self.recipe[1] == "hqq" and self.effective_precision is Precision.INT4
+
+    @property
+    def effective_model_format(self) -> ModelFormat:
+        return self.model_format or self.target.model_format
+
+    @property
     def effective_context(self) -> int:
         return self.context or self.target.context
 
@@ -113,6 +147,7 @@ class BuildConfig:
                 f"accuracy level {self.target.accuracy_level}, "
                 f"{'symmetric' if self.target.symmetric else 'asymmetric'}",
             ),
+            ("format", self.effective_model_format.value),
             ("default context", f"{self.effective_context} tokens"),
             ("signing key", str(self.sign_key) if self.sign_key else "(unsigned)"),
             ("adapters", ", ".join(f"{n}={p}" for n, p in self.adapters) or "(none)"),

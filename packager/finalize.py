@@ -19,7 +19,7 @@ from edgephi.runtime.errors import BuildError
 from edgephi.runtime.manifest import FileEntry, check_member_path
 
 _KV_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
-_WEIGHT_SUFFIXES = (".onnx", ".data", ".onnx_data", ".bin")
+_WEIGHT_SUFFIXES = (".onnx", ".ort", ".data", ".onnx_data", ".bin")
 
 
 def set_default_context(model_dir: Path, context: int) -> int:

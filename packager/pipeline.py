@@ -7,6 +7,8 @@ The steps, each a function from inputs to outputs inside one work directory:
 2. ``convert``   — GGUF only: dequantise into an F32 Hugging Face folder (``packager.gguf``);
 3. ``export``    — run onnxruntime-genai's model builder for the target's precision,
    execution provider and quantisation recipe (``packager.builder``);
+   then, for ``hqq-*`` recipes, quantise its FP32 graph (``packager.hqq``) and strip and
+   fuse the graph, checking the greedy tokens did not change (``packager.optimize``);
 4. ``finalize``  — set the shipped default context, hash every file, describe the model
    and its memory needs in the manifest (``packager.finalize``);
 5. ``validate``  — load the result in onnxruntime-genai and generate (``packager.validate``);
@@ -29,14 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgephi.packager import adapters, builder, finalize, sources, validate, writer
+from edgephi.packager import adapters, builder, finalize, optimize, sources, validate, writer
 from edgephi.packager.config import QUANT_RECIPES, BuildConfig
 from edgephi.runtime.bundle import MIN_RUNTIME
 from edgephi.runtime.errors import BuildError
 from edgephi.runtime.fsutil import remove_tree
 from edgephi.runtime.manifest import Manifest
 from edgephi.runtime.signing import SigningKey
-from edgephi.targets import KVCache, Precision
+from edgephi.targets import ExecutionProvider, KVCache, Precision
 
 Progress = Callable[[str], None]
 
@@ -99,6 +101,28 @@ def _quality(
     return {**result.to_dict(), "recipe": config.quant or f"target {config.target.name}"}
 
 
+def _strip_and_fuse(
+    config: BuildConfig, onnx_dir: Path, workdir: Path, progress: Progress
+) -> optimize.GraphReport | None:
+    """Optimise the CPU graph and prove it generates what the builder's graph generated."""
+    if config.target.execution_provider is not ExecutionProvider.CPU:
+        # Offline optimisation is specific to the execution provider it ran with; a GPU
+        # graph is left for the device's onnxruntime to optimise.
+        return None
+    progress("      strip and fuse: onnxruntime graph optimisation (extended level)")
+    before = optimize.greedy_tokens(onnx_dir, optimize.CHECK_PROMPT, optimize.CHECK_TOKENS)
+    report = optimize.strip_and_fuse(onnx_dir, config.effective_model_format, workdir / "optimized")
+    after = optimize.greedy_tokens(onnx_dir, optimize.CHECK_PROMPT, optimize.CHECK_TOKENS)
+    if after != before:
+        raise BuildError(
+            "the optimised graph generates other greedy tokens than the builder's "
+            f"({after[:8]} vs {before[:8]}); nothing was written",
+            hint="report this with the model; --format onnx is the better-tested path",
+        )
+    progress(f"      {report.line()}, same {len(after)} greedy tokens")
+    return report
+
+
 def build(config: BuildConfig, progress: Progress = lambda _msg: None) -> BuildResult:
     source = sources.resolve(config.source)
     # Load the key before hours of work, not after.
@@ -141,7 +165,8 @@ def _build_in(
         output_dir=onnx_dir,
         cache_dir=workdir / "builder-cache",
         log_path=workdir / "builder.log",
-        precision=precision,
+        # HQQ quantises the builder's FP32 graph itself.
+        precision=Precision.FP32 if config.uses_hqq else precision,
         execution_provider=target.execution_provider,
         block_size=config.recipe[0],
         accuracy_level=target.accuracy_level,
@@ -171,6 +196,12 @@ def _build_in(
         builder.export(request)
     if not hf_config:
         hf_config = _downloaded_config(request.cache_dir)
+    if config.uses_hqq:
+        progress(f"      HQQ: quantising the FP32 graph's weights to INT4 in blocks of {config.recipe[0]}")
+        from edgephi.packager import hqq
+
+        hqq.quantize(onnx_dir, config.recipe[0], target.accuracy_level, workdir / "hqq")
+    graph = _strip_and_fuse(config, onnx_dir, workdir, progress)
 
     progress("[3/5] finalising: default context, hashes, manifest")
     context = finalize.set_default_context(onnx_dir, config.effective_context)
@@ -180,6 +211,8 @@ def _build_in(
     model["default_context"] = context
     model["lm_head_pruned"] = True
     model["kv_cache"] = target.kv_cache.value
+    if graph is not None:
+        model["graph"] = graph.to_dict()
     manifest = Manifest(
         name=config.name or source.default_name,
         version=config.version,

@@ -19,7 +19,7 @@ from edgephi import targets
 from edgephi.packager import evaluate, pipeline
 from edgephi.packager.config import QUANT_RECIPES, BuildConfig
 from edgephi.runtime import bundle
-from edgephi.targets import Precision
+from edgephi.targets import ModelFormat, Precision
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = 134_515_008  # SmolLM2-135M
@@ -36,6 +36,31 @@ def unpack(path: Path, into: Path) -> Path:
     return into
 
 
+CLASS = 0.65  # bytes per parameter: the block-32 INT4 size class the CPU default must come from
+
+
+def reading(rows: list[tuple[str, int, evaluate.EvalResult]]) -> list[str]:
+    """The conclusion, computed from this run's rows (so it cannot go stale)."""
+    recipes = [row for row in rows if row[0] in QUANT_RECIPES]
+    in_class = min((r for r in recipes if r[1] / PARAMS <= CLASS), key=lambda r: r[2].ppl)
+    best = min(recipes, key=lambda r: r[2].ppl)
+    default = targets.get("cpu")
+    default_name = next(
+        n for n, spec in QUANT_RECIPES.items() if spec == (default.block_size, default.algorithm)
+    )
+    verdict = (
+        "so it is the CPU targets' default"
+        if in_class[0] == default_name
+        else f"but the CPU targets' default is still `{default_name}`: change targets/profiles/cpu.json"
+    )
+    return [
+        f"Reading it: among recipes of the INT4 size class (≤ {CLASS} bytes per parameter of model files),",
+        f"`{in_class[0]}` loses least ({in_class[2].ppl_increase:+.1%}), {verdict}.",
+        f"The least loss overall is `{best[0]}` ({best[2].ppl_increase:+.1%}) at "
+        f"{best[1] / PARAMS:.2f} bytes per parameter.",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--windows", type=int, default=4)
@@ -46,12 +71,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         ref = unpack(build(gguf, work / "fp32.phi", precision=Precision.FP32), work / "fp32")
-        for name in QUANT_RECIPES:
+        variants: list[tuple[str, dict[str, object]]] = [(name, {"quant": name}) for name in QUANT_RECIPES]
+        variants.append(
+            ("default-b32, ORT format", {"quant": "default-b32", "model_format": ModelFormat.ORT})
+        )
+        for index, (name, kw) in enumerate(variants):
             print(f"building {name} …", flush=True)
-            path = build(gguf, work / f"{name}.phi", quant=name)
+            path = build(gguf, work / f"{index}.phi", **kw)
             manifest = bundle.open_bundle(path).manifest
             result = evaluate.evaluate(
-                unpack(path, work / name), ref, window=args.window, max_windows=args.windows
+                unpack(path, work / str(index)), ref, window=args.window, max_windows=args.windows
             )
             rows.append((name, manifest.memory["weights_bytes"], result))
             print(f"  {name}: {result.table().splitlines()[1]}", flush=True)
@@ -76,9 +105,15 @@ def main() -> None:
         "",
         "`default-b32` is the CPU targets' recipe (the quantizer's default round-to-nearest); `rtn-bN`",
         "is the builder's explicit RTN in blocks of N weights; `kquant-*` are the builder's k-quant",
-        "methods (`kquant-mixed` keeps the most sensitive MatMuls in INT8, which costs size). Build with",
+        "methods (`kquant-mixed` keeps the most sensitive MatMuls in INT8, which costs size); `hqq-bN`",
+        "is onnxruntime's HQQ quantizer run by edgephi over the builder's FP32 graph, with float zero",
+        "points (8 bytes of scale and zero per block instead of 4), the embedding sharing the lm_head's",
+        "INT4 blocks. Every row went through the same strip-and-fuse step; the ORT-format row is the",
+        "android-arm64 target's file format (`--format ort`). Build with",
         "`edge-pack build … --quant NAME`; `--eval` stores these numbers in the bundle (its quality card)",
         "and `--max-ppl-increase 5%` refuses a build that loses more.",
+        "",
+        *reading(rows),
         "",
     ]
     (ROOT / "docs" / "quantization.md").write_text("\n".join(lines))

@@ -38,8 +38,16 @@ class KVCache(str, enum.Enum):
     INT8 = "int8"
 
 
-# The builder's base methods and presets for weight-only quantisation (its ``algo_config``).
-ALGORITHMS = ("default", "rtn", "k_quant", "rtn_last", "k_quant_last", "k_quant_mixed")
+class ModelFormat(str, enum.Enum):
+    """How the decoder graph is stored: ONNX, or onnxruntime's ORT format for mobile builds."""
+
+    ONNX = "onnx"
+    ORT = "ort"
+
+
+# The builder's base methods and presets for weight-only quantisation (its ``algo_config``),
+# and ``hqq``: edgephi's pass over the builder's FP32 graph (``edgephi.packager.hqq``).
+ALGORITHMS = ("default", "rtn", "k_quant", "rtn_last", "k_quant_last", "k_quant_mixed", "hqq")
 _BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
@@ -51,7 +59,9 @@ class Target:
     ``block_size``, ``accuracy_level``, ``symmetric`` and ``algorithm`` are the INT4/INT8
     recipe the builder gets; ``kv_cache`` int8 quantises the KV cache (4x smaller than
     fp32, calibrated at build time); ``threads`` 0 means "one per usable core" at run
-    time; ``ram_gb`` is the typical device memory and ``context`` the default context.
+    time; ``ram_gb`` is the typical device memory and ``context`` the default context;
+    ``model_format`` ``ort`` ships the decoder in ORT format with the operator list a
+    reduced onnxruntime build needs.
     """
 
     name: str
@@ -68,6 +78,7 @@ class Target:
     threads: int = 0
     ram_gb: float = 0.0
     context: int = 2048
+    model_format: ModelFormat = ModelFormat.ONNX
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
@@ -95,6 +106,10 @@ class Target:
                 f"target {self.name}: kv_cache int8 is built here for the cpu execution_provider only, "
                 f"not {self.execution_provider.value}"
             )
+        if self.model_format is ModelFormat.ORT and self.execution_provider is not ExecutionProvider.CPU:
+            raise ConfigError(
+                f"target {self.name}: model_format ort is built here for the cpu execution_provider only"
+            )
         if self.threads < 0:
             raise ConfigError(f"target {self.name}: threads must be >= 0 (0 = one per core)")
         if self.context < 64:
@@ -114,6 +129,8 @@ class Target:
                 values["precision"] = Precision(values["precision"])
             if "kv_cache" in values:
                 values["kv_cache"] = KVCache(values["kv_cache"])
+            if "model_format" in values:
+                values["model_format"] = ModelFormat(values["model_format"])
             return cls(**values)
         except KeyError as exc:
             raise ConfigError(f"target profile is missing the key {exc.args[0]!r}") from None

@@ -1,0 +1,202 @@
+"""HQQ INT4 weights: onnxruntime's half-quadratic quantizer over the builder's FP32 graph.
+
+The ``hqq-bN`` recipes (``packager.config.QUANT_RECIPES``) export FP32 with the builder,
+then replace every MatMul weight here with ``MatMulNBits`` weights from onnxruntime's
+``MatMulNBitsQuantizer`` and its HQQ configuration: asymmetric 4-bit blocks whose zero
+points are optimised, not rounded (they are stored as floats — rounding them undoes the
+gain: SmolLM2 +36% perplexity instead of +8%). No calibration data is needed.
+
+The quantizer leaves one thing undone: the token embedding. In the builder's graph a tied
+embedding is ``Gather(Transpose(lm_head weight))``, which would keep the whole FP32 matrix
+(113 MB of SmolLM2's 206 MB). onnxruntime's ``GatherBlockQuantized`` takes no float zero
+points, so the embedding is rebuilt as a few standard ONNX ops that gather the rows of the
+lm_head's INT4 blocks for the given token ids and dequantise only those — the two share one
+copy of the weights. An untied embedding gets the same treatment with its own HQQ blocks.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from edgephi.packager.optimize import decoder_file
+from edgephi.runtime.errors import BuildError
+
+BITS = 4
+
+
+def quantize(model_dir: Path, block_size: int, accuracy_level: int, workdir: Path) -> int:
+    """Quantise ``model_dir``'s FP32 decoder in place; return how many MatMuls were quantised."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    name = decoder_file(model_dir)
+    model = onnx.load(str(model_dir / name))
+    quantizer = MatMulNBitsQuantizer(
+        model, algo_config=HQQWeightOnlyQuantConfig(block_size=block_size, bits=BITS)
+    )
+    quantizer.process()
+    model = quantizer.model.model
+    count = 0
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            # The quantizer sets no accuracy level, i.e. FP32 compute; the target's level 4
+            # (int8 activations) is what makes INT4 fast on CPUs.
+            node.attribute.append(onnx.helper.make_attribute("accuracy_level", accuracy_level))
+            count += 1
+    if count == 0:
+        raise BuildError("HQQ found no MatMul with constant weights to quantise in the exported model")
+    embedding = _embedding_gather(model)
+    if embedding is not None:
+        _quantize_embedding(model, embedding, block_size)
+    _drop_unused_initializers(model)
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    onnx.save(
+        model,
+        str(workdir / name),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=name + ".data",
+        size_threshold=1024,
+    )
+    for old in [p for p in model_dir.iterdir() if p.name.startswith(name)]:
+        old.unlink()
+    for new in workdir.iterdir():
+        shutil.move(str(new), model_dir / new.name)
+    return count
+
+
+def _embedding_gather(model: Any) -> Any:
+    """The ``Gather`` that looks up ``input_ids`` in a constant table, if there is one."""
+    inputs = {i.name for i in model.graph.input}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in inputs:
+            return node
+    return None
+
+
+def _initializers(model: Any) -> dict[str, Any]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def _quantize_embedding(model: Any, gather: Any, block_size: int) -> None:
+    """Replace the embedding ``Gather`` by a dequantising lookup into INT4 blocks."""
+    import onnx
+
+    inits = _initializers(model)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    table = gather.input[0]
+    transpose = producers.get(table)
+    if transpose is not None and transpose.op_type == "Transpose" and transpose.input[0] in inits:
+        # Tied: the lm_head's HQQ blocks, named by the quantizer after the FP32 weight.
+        weight = transpose.input[0]
+        packed, scales, zeros = weight + f"_Q{BITS}", weight + "_scales", weight + "_zero_points"
+        if not all(n in inits for n in (packed, scales, zeros)):
+            return  # the lm_head was not quantised; leave the FP32 lookup as it is
+        vocab, hidden = (int(d) for d in inits[weight].dims[::-1])
+        model.graph.node.remove(transpose)
+    elif table in inits:
+        matrix = onnx.numpy_helper.to_array(inits[table])
+        vocab, hidden = matrix.shape
+        packed, scales, zeros = table + f"_Q{BITS}", table + "_scales", table + "_zero_points"
+        for tensor, tname in zip(_hqq_blocks(matrix, block_size), (packed, scales, zeros), strict=True):
+            model.graph.initializer.append(onnx.numpy_helper.from_array(tensor, tname))
+    else:
+        return
+    blocks = -(-hidden // block_size)
+    const = _Consts(model, gather.name or "embedding")
+    p = (gather.name or "embedding") + "/hqq"
+    ids = gather.input[1]
+    n = onnx.helper.make_node
+    new = [
+        n("Reshape", [scales, const.i64([vocab, blocks])], [p + "/scales2d"]),
+        n("Reshape", [zeros, const.i64([vocab, blocks])], [p + "/zeros2d"]),
+        n("Gather", [packed, ids], [p + "/rows"]),  # [batch, seq, blocks, block/2] uint8
+        n("BitwiseAnd", [p + "/rows", const.u8(0x0F)], [p + "/low"]),
+        n("BitShift", [p + "/rows", const.u8(4)], [p + "/high"], direction="RIGHT"),
+        n("Unsqueeze", [p + "/low", const.i64([-1])], [p + "/low1"]),
+        n("Unsqueeze", [p + "/high", const.i64([-1])], [p + "/high1"]),
+        # Byte i holds weights 2i (low nibble) and 2i+1 (high nibble) of its block.
+        n("Concat", [p + "/low1", p + "/high1"], [p + "/pairs"], axis=-1),
+        n("Reshape", [p + "/pairs", const.i64([0, 0, 0, -1])], [p + "/q"]),
+        n("Cast", [p + "/q"], [p + "/qf"], to=onnx.TensorProto.FLOAT),
+        n("Gather", [p + "/scales2d", ids], [p + "/s"]),
+        n("Gather", [p + "/zeros2d", ids], [p + "/z"]),
+        n("Unsqueeze", [p + "/s", const.i64([-1])], [p + "/s1"]),
+        n("Unsqueeze", [p + "/z", const.i64([-1])], [p + "/z1"]),
+        n("Sub", [p + "/qf", p + "/z1"], [p + "/centred"]),
+        n("Mul", [p + "/centred", p + "/s1"], [p + "/w"]),
+    ]
+    if blocks * block_size == hidden:
+        new.append(n("Reshape", [p + "/w", const.i64([0, 0, -1])], [gather.output[0]]))
+    else:  # the last block was padded
+        new.append(n("Reshape", [p + "/w", const.i64([0, 0, -1])], [p + "/padded"]))
+        new.append(
+            n(
+                "Slice",
+                [p + "/padded", const.i64([0]), const.i64([hidden]), const.i64([-1])],
+                [gather.output[0]],
+            )
+        )
+    index = list(model.graph.node).index(gather)
+    model.graph.node.remove(gather)
+    for offset, node in enumerate(new):
+        node.name = f"{p}/{node.op_type}_{offset}"
+        model.graph.node.insert(index + offset, node)
+
+
+def _hqq_blocks(matrix: Any, block_size: int) -> tuple[Any, Any, Any]:
+    """HQQ INT4 blocks of a [rows, cols] matrix along cols: packed bytes, scales, zero points."""
+    import numpy as np
+    import torch
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        HQQWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantizer,
+    )
+
+    quantizer = HQQWeightOnlyQuantizer(HQQWeightOnlyQuantConfig(block_size=block_size, bits=BITS))
+    q, scales, zeros = quantizer.quantize_internal(
+        torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32)), bits=BITS, group_size=block_size
+    )
+    q = q.numpy().astype(np.uint8)
+    rows = q.shape[0]
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8).reshape(rows, -1, block_size // 2)
+    return packed, scales.numpy().reshape(-1), zeros.numpy().reshape(-1)
+
+
+class _Consts:
+    """Small constant initializers for the embedding subgraph, named uniquely."""
+
+    def __init__(self, model: Any, prefix: str) -> None:
+        self.model = model
+        self.prefix = prefix
+        self.count = 0
+
+    def _add(self, array: Any) -> str:
+        import onnx
+
+        self.count += 1
+        name = f"{self.prefix}/hqq/const_{self.count}"
+        self.model.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+        return name
+
+    def i64(self, values: list[int]) -> str:
+        import numpy as np
+
+        return self._add(np.array(values, dtype=np.int64))
+
+    def u8(self, value: int) -> str:
+        import numpy as np
+
+        return self._add(np.array(value, dtype=np.uint8))
+
+
+def _drop_unused_initializers(model: Any) -> None:
+    used = {i for node in model.graph.node for i in node.input} | {o.name for o in model.graph.output}
+    for tensor in [t for t in model.graph.initializer if t.name not in used]:
+        model.graph.initializer.remove(tensor)
