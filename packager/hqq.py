@@ -16,11 +16,10 @@ copy of the weights. An untied embedding gets the same treatment with its own HQ
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
-from edgephi.packager.optimize import decoder_file
+from edgephi.packager.optimize import decoder_file, replace_decoder
 from edgephi.runtime.errors import BuildError
 
 BITS = 4
@@ -64,10 +63,7 @@ def quantize(model_dir: Path, block_size: int, accuracy_level: int, workdir: Pat
         location=name + ".data",
         size_threshold=1024,
     )
-    for old in [p for p in model_dir.iterdir() if p.name.startswith(name)]:
-        old.unlink()
-    for new in workdir.iterdir():
-        shutil.move(str(new), model_dir / new.name)
+    replace_decoder(model_dir, name, workdir)
     return count
 
 

@@ -66,6 +66,14 @@ def decoder_file(model_dir: Path) -> str:
     return str(genai["model"]["decoder"]["filename"])
 
 
+def replace_decoder(model_dir: Path, name: str, workdir: Path) -> None:
+    """Swap the new decoder files written in ``workdir`` in for ``name`` and its external data."""
+    for old in [p for p in model_dir.iterdir() if p.name.startswith(name)]:
+        old.unlink()
+    for new in workdir.iterdir():
+        shutil.move(str(new), model_dir / new.name)
+
+
 def _model_bytes(model_dir: Path, name: str) -> int:
     """The graph file and its external data (``model.onnx``, ``model.onnx.data``)."""
     return sum(p.stat().st_size for p in model_dir.iterdir() if p.name.startswith(name))
@@ -140,11 +148,7 @@ def strip_and_fuse(model_dir: Path, model_format: ModelFormat, workdir: Path) ->
     out = workdir / (ORT_MODEL if ort_format else name)
     _optimise(src, out, ort_format)
 
-    # Swap the optimised files in for the builder's.
-    for old in [p for p in model_dir.iterdir() if p.name.startswith(name)]:
-        old.unlink()
-    for new in workdir.iterdir():
-        shutil.move(str(new), model_dir / new.name)
+    replace_decoder(model_dir, name, workdir)
     if ort_format:
         _ops_config(model_dir / ORT_MODEL, model_dir / OPS_CONFIG)
         config_path = model_dir / "genai_config.json"

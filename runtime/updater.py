@@ -281,20 +281,16 @@ def _stage_from_blobs(
             dest = staging.joinpath(*entry.path.split("/"))
             dest.parent.mkdir(parents=True, exist_ok=True)
             if entry.sha256 in have:
-                _link_or_copy(have[entry.sha256], dest)
+                # A copy, not a hard link: onnxruntime refuses external weights with more
+                # than one link ("potential hardlink attack") for tensors in subgraphs, such
+                # as the longrope caches of Phi-3.5. The disk check counted the full size.
+                shutil.copyfile(have[entry.sha256], dest)
             else:
                 # Copy rather than move: two paths may share one blob, and a killed run can retry.
                 shutil.copyfile(downloads / entry.sha256, dest)
             if i == 0:
                 _fault("mid-unpack")
         return store.commit(staging, manifest)
-
-
-def _link_or_copy(src: Path, dest: Path) -> None:
-    try:
-        os.link(src, dest)
-    except OSError:
-        shutil.copyfile(src, dest)
 
 
 def _clean_downloads(downloads: Path, manifest: Manifest) -> None:
