@@ -3,8 +3,9 @@
     scripts/bench_vs_llamacpp [--rounds 5] [--tokens 128] [--prompt-tokens 128]
 
 One F32 source — SmolLM2-135M-Instruct's GGUF, dequantised — becomes every contestant:
-our INT4 bundles (``edge-pack build``), and llama.cpp's Q4_0 and Q4_K_M (llama-cpp-python
-built from its source distribution by the shell wrapper, and its quantize API). Then, in
+our INT4 bundle with the CPU default recipe (``edge-pack build``), and llama.cpp's Q4_0
+and Q4_K_M (llama-cpp-python built from its source distribution by the shell wrapper, and
+its quantize API). Then, in
 one run, alternating the contestants round by round so that the machine's drift hits all
 of them alike, each round starts every contestant in a fresh process that loads the model,
 warms up, and measures one prompt of ``--prompt-tokens`` (TTFT) answered with exactly
@@ -126,6 +127,11 @@ def measure_bandwidth(threads: int, megabytes: int = 512, repeats: int = 5) -> f
 
 
 def peak_rss() -> int:
+    """This process's peak RSS. Not ``ru_maxrss``: Linux carries that across fork and exec,
+    so a worker would report its (large) parent's; ``VmHWM`` belongs to this address space."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -367,10 +373,8 @@ def main() -> None:
     CACHE.mkdir(parents=True, exist_ok=True)
     print("preparing contestants (cached in .cache/bench) …", flush=True)
     f32 = f32_gguf(assets.smollm2_gguf(), CACHE / "smollm2-f32.gguf")
-    ours = {
-        "edgephi default-b32": our_bundle(f32, "default-b32", CACHE / "default-b32.phi"),
-        "edgephi hqq-b32": our_bundle(f32, "hqq-b32", CACHE / "hqq-b32.phi"),
-    }
+    # The CPU default only: hqq-* decodes far slower (float zero points have no fast kernel).
+    ours = {"edgephi default-b32": our_bundle(f32, "default-b32", CACHE / "default-b32.phi")}
     folder = unpack(ours["edgephi default-b32"], CACHE / "default-b32")
     llama = {f"llama.cpp {t}": llama_quantize(f32, t, CACHE / f"smollm2-{t}.gguf") for t in LLAMA_FTYPES}
 
