@@ -345,7 +345,7 @@ def write_chart(rows: list[Row], limit_of: dict[str, float], path: Path) -> None
     )
     ax.invert_yaxis()
     ax.set_xlabel("tokens per second")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -441,7 +441,9 @@ def main() -> None:
         "bandwidth": bandwidth,
     }
     report = write_report(rows, limit_of, meta)
-    report += f"F32 perplexity of the shared source (llama.cpp, F32 GGUF): {ppl_f32:.2f}.\n"
+    report += f"\nF32 perplexity of the shared source (llama.cpp, F32 GGUF): {ppl_f32:.2f}; "
+    report += "the rise over it: "
+    report += ", ".join(f"{row.name} {ratio(row.ppl, ppl_f32) - 1:+.1%}" for row in rows) + ".\n"
     (ROOT / "docs" / "benchmarks.md").write_text(report, encoding="utf-8")
     write_chart(rows, limit_of, ROOT / "docs" / "benchmarks.png")
     print(report)
