@@ -23,8 +23,6 @@ QUANT_RECIPES: dict[str, tuple[int, str]] = {
     # onnxruntime's HQQ over the builder's FP32 graph (edgephi.packager.hqq): float zero
     # points, so 8 bytes of scale and zero per block instead of the default's 4.
     "hqq-b32": (32, "hqq"),
-    "hqq-b64": (64, "hqq"),
-    "hqq-b128": (128, "hqq"),
 }
 
 

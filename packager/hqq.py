@@ -1,6 +1,6 @@
 """HQQ INT4 weights: onnxruntime's half-quadratic quantizer over the builder's FP32 graph.
 
-The ``hqq-bN`` recipes (``packager.config.QUANT_RECIPES``) export FP32 with the builder,
+The ``hqq-b32`` recipe (``packager.config.QUANT_RECIPES``) exports FP32 with the builder,
 then replace every MatMul weight here with ``MatMulNBits`` weights from onnxruntime's
 ``MatMulNBitsQuantizer`` and its HQQ configuration: asymmetric 4-bit blocks whose zero
 points are optimised, not rounded (they are stored as floats — rounding them undoes the

@@ -105,7 +105,7 @@ def main() -> None:
         "",
         "`default-b32` is the CPU targets' recipe (the quantizer's default round-to-nearest); `rtn-bN`",
         "is the builder's explicit RTN in blocks of N weights; `kquant-*` are the builder's k-quant",
-        "methods (`kquant-mixed` keeps the most sensitive MatMuls in INT8, which costs size); `hqq-bN`",
+        "methods (`kquant-mixed` keeps the most sensitive MatMuls in INT8, which costs size); `hqq-b32`",
         "is onnxruntime's HQQ quantizer run by edgephi over the builder's FP32 graph, with float zero",
         "points (8 bytes of scale and zero per block instead of 4), the embedding sharing the lm_head's",
         "INT4 blocks. Every row went through the same strip-and-fuse step; the ORT-format row is the",

@@ -93,7 +93,7 @@ def test_hqq_b32_loses_less_than_the_default_on_smollm2(
     [
         (["--quant", "hqq-b32", "--precision", "int8"], "INT4 recipe"),
         (["--format", "ort", "--target", "cuda"], "CPU targets"),
-        (["--quant", "hqq-b64", "--adapter", "{lora}"], "adapters"),
+        (["--quant", "hqq-b32", "--adapter", "{lora}"], "adapters"),
     ],
 )
 def test_recipe_and_format_combinations_that_cannot_work_are_named(
