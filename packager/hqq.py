@@ -1,7 +1,7 @@
 """HQQ INT4 weights: onnxruntime's half-quadratic quantizer over the builder's FP32 graph.
 
 The ``hqq-b32`` recipe (``packager.config.QUANT_RECIPES``) exports FP32 with the builder,
-then replace every MatMul weight here with ``MatMulNBits`` weights from onnxruntime's
+then replaces every MatMul weight here with ``MatMulNBits`` weights from onnxruntime's
 ``MatMulNBitsQuantizer`` and its HQQ configuration: asymmetric 4-bit blocks whose zero
 points are optimised, not rounded (they are stored as floats — rounding them undoes the
 gain: SmolLM2 +36% perplexity instead of +8%). No calibration data is needed.
