@@ -16,6 +16,8 @@ copy of the weights. An untied embedding gets the same treatment with its own HQ
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +35,17 @@ def quantize(model_dir: Path, block_size: int, accuracy_level: int, workdir: Pat
         MatMulNBitsQuantizer,
     )
 
+    # The quantizer's module switches logging to INFO on import: a line per MatMul.
+    logging.getLogger(MatMulNBitsQuantizer.__module__).setLevel(logging.WARNING)
     name = decoder_file(model_dir)
     model = onnx.load(str(model_dir / name))
     quantizer = MatMulNBitsQuantizer(
         model, algo_config=HQQWeightOnlyQuantConfig(block_size=block_size, bits=BITS)
     )
-    quantizer.process()
+    with warnings.catch_warnings():
+        # torch warns that it wraps read-only numpy weights; the quantizer only reads them.
+        warnings.simplefilter("ignore", UserWarning)
+        quantizer.process()
     model = quantizer.model.model
     count = 0
     for node in model.graph.node:

@@ -7,8 +7,9 @@ The steps, each a function from inputs to outputs inside one work directory:
 2. ``convert``   — GGUF only: dequantise into an F32 Hugging Face folder (``packager.gguf``);
 3. ``export``    — run onnxruntime-genai's model builder for the target's precision,
    execution provider and quantisation recipe (``packager.builder``);
-   then, for ``hqq-*`` recipes, quantise its FP32 graph (``packager.hqq``) and strip and
-   fuse the graph, checking the greedy tokens did not change (``packager.optimize``);
+   then quantise its FP32 graph for the ``hqq-b32`` recipe (``packager.hqq``), and strip
+   and fuse a CPU target's graph, checking its greedy tokens did not change
+   (``packager.optimize``);
 4. ``finalize``  — set the shipped default context, hash every file, describe the model
    and its memory needs in the manifest (``packager.finalize``);
 5. ``validate``  — load the result in onnxruntime-genai and generate (``packager.validate``);
@@ -117,7 +118,7 @@ def _strip_and_fuse(
         raise BuildError(
             "the optimised graph generates other greedy tokens than the builder's "
             f"({after[:8]} vs {before[:8]}); nothing was written",
-            hint="report this with the model; --format onnx is the better-tested path",
+            hint="report it with the model; --keep-workdir keeps both graphs for a look",
         )
     progress(f"      {report.line()}, same {len(after)} greedy tokens")
     return report
