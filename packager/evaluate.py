@@ -11,7 +11,6 @@ CPython's own LICENSE.txt — and is identified by name and sha256 in the result
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import sys
 from dataclasses import asdict, dataclass
@@ -89,23 +88,15 @@ def evaluate(
 ) -> EvalResult:
     """Perplexity of ``model_dir`` on ``text`` (and KL / top-1 against ``reference_dir``)."""
     import numpy as np
-    from edgephi.runtime.engine import _og, default_threads
+    from edgephi.runtime.engine import _og, default_threads, open_model
 
     if window < 8 or max_windows < 1:
         raise ConfigError("eval needs windows of at least 8 tokens and at least one window")
     text = text or default_text()
     og = _og()
     threads = default_threads()
-
-    def open_model(folder: Path) -> Any:
-        config = og.Config(str(folder))
-        config.overlay(
-            json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}})
-        )
-        return og.Model(config)
-
-    model = open_model(model_dir)
-    reference = open_model(reference_dir) if reference_dir is not None else None
+    model = open_model(model_dir, threads)
+    reference = open_model(reference_dir, threads) if reference_dir is not None else None
     ids = [int(t) for t in og.Tokenizer(model).encode(text.read_text(encoding="utf-8", errors="replace"))]
     count = min(max_windows, len(ids) // window)
     if count == 0:

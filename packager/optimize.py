@@ -142,9 +142,12 @@ def strip_and_fuse(model_dir: Path, model_format: ModelFormat, workdir: Path) ->
     src = model_dir / name
     nodes_before = _node_count(src)
     bytes_before = _model_bytes(model_dir, name)
-    _strip_doc_strings(src)
     workdir.mkdir(parents=True, exist_ok=True)
     ort_format = model_format is ModelFormat.ORT
+    if ort_format:
+        # An ORT file is not edited afterwards; its input must carry no doc strings. An
+        # ONNX result is stripped once, after the optimiser has added its own.
+        _strip_doc_strings(src)
     out = workdir / (ORT_MODEL if ort_format else name)
     _optimise(src, out, ort_format)
 
@@ -174,10 +177,10 @@ def _ort_node_count(path: Path) -> int:
 
 def greedy_tokens(model_dir: Path, prompt: str, count: int) -> list[int]:
     """``count`` greedy tokens after ``prompt``: the check that an optimisation changed nothing."""
-    from edgephi.runtime.engine import _og
+    from edgephi.runtime.engine import _og, default_threads, open_model
 
     og = _og()
-    model = og.Model(str(model_dir))
+    model = open_model(model_dir, default_threads())
     tokenizer = og.Tokenizer(model)
     params = og.GeneratorParams(model)
     ids = tokenizer.encode(prompt)

@@ -40,6 +40,17 @@ def _og() -> Any:
     return og
 
 
+def open_model(model_dir: Path, threads: int, max_length: int | None = None) -> Any:
+    """An ``og.Model`` on ``threads`` threads: og runs on one unless the config says otherwise."""
+    og = _og()
+    overlay: dict[str, Any] = {"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}
+    if max_length is not None:
+        overlay["search"] = {"max_length": max_length}
+    config = og.Config(str(model_dir))
+    config.overlay(json.dumps(overlay))
+    return og.Model(config)
+
+
 @dataclass(frozen=True)
 class Stats:
     prompt_tokens: int
@@ -118,16 +129,7 @@ class Engine:
         self.has_chat_template = chat_template
         og = _og()
         try:
-            config = og.Config(str(self.model_dir))
-            config.overlay(
-                json.dumps(
-                    {
-                        "model": {"decoder": {"session_options": {"intra_op_num_threads": self.threads}}},
-                        "search": {"max_length": self.context},
-                    }
-                )
-            )
-            self._model = og.Model(config)
+            self._model = open_model(self.model_dir, self.threads, self.context)
             self._tokenizer = og.Tokenizer(self._model)
         except Exception as exc:  # og raises plain RuntimeError/OSError with its own text
             raise GenerationError(f"onnxruntime-genai could not load {self.model_dir}: {exc}") from None

@@ -153,14 +153,10 @@ def worker(kind: str, path: str, ids: list[int], tokens: int, threads: int) -> d
             return first - start, (tokens - 1) / (time.perf_counter() - first)
 
     elif kind == "og":
-        from edgephi.runtime.engine import _og
+        from edgephi.runtime.engine import _og, open_model
 
         og = _og()
-        config = og.Config(path)
-        config.overlay(
-            json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}})
-        )
-        model = og.Model(config)
+        model = open_model(Path(path), threads)
 
         def once() -> tuple[float, float]:
             params = og.GeneratorParams(model)
