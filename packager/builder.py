@@ -59,6 +59,7 @@ OPTION_NAMES = (
     "kv_cache_scale_file",
     "adapter_path",
     "nodes_to_exclude",
+    "fuse_mlp_gate_up",
 )
 CALIBRATION_MODULE = "onnxruntime_genai.models.quantization.kv_cache_calibration"
 KV_INT8_SCHEME = "int8_per_channel"
@@ -83,11 +84,18 @@ class ExportRequest:
     kv_scale_file: Path | None = None  # calibrated scales: quantise the KV cache to int8
     adapter_path: Path | None = None  # a PEFT LoRA adapter folder to build in
     exclude_nodes: tuple[str, ...] = ()  # MatMuls left unquantised (the LoRA ones)
+    fuse_gate_up: bool = True
 
     def extra_options(self) -> dict[str, str]:
         # Only the last position's logits are needed to generate; computing them for every
         # prompt token costs prompt length x vocabulary x 4 bytes (300 MB for SmolLM2 at 1.5k).
         opts: dict[str, str] = {"prune_lm_head": "true"}
+        if self.fuse_gate_up and self.adapter_path is None and not self.exclude_nodes:
+            # One MatMul for the MLP's gate and up projections instead of two: the same
+            # weights, one fewer kernel and activation quantisation per layer. On SmolLM2
+            # the gain is within this machine's noise (docs/decode-levers.md). The builder
+            # refuses it for LoRA-adapted projections.
+            opts["fuse_mlp_gate_up"] = "true"
         if self.precision in (Precision.INT4, Precision.INT8):
             opts["block_size"] = str(self.block_size)
             opts["accuracy_level"] = str(self.accuracy_level)

@@ -20,6 +20,8 @@ QUANT_RECIPES: dict[str, tuple[int, str]] = {
     "rtn-b256": (256, "rtn"),
     "kquant-b32": (32, "k_quant"),
     "kquant-mixed-b32": (32, "k_quant_mixed"),
+    # k-quant with the lm_head in INT8, as llama.cpp's Q4_0 keeps its output matrix in Q8_0.
+    "kquant-last-b32": (32, "k_quant_last"),
     # onnxruntime's HQQ over the builder's FP32 graph (edgephi.packager.hqq): float zero
     # points, so 8 bytes of scale and zero per block instead of the default's 4.
     "hqq-b32": (32, "hqq"),

@@ -7,7 +7,8 @@ The steps, each a function from inputs to outputs inside one work directory:
 2. ``convert``   — GGUF only: dequantise into an F32 Hugging Face folder (``packager.gguf``);
 3. ``export``    — run onnxruntime-genai's model builder for the target's precision,
    execution provider and quantisation recipe (``packager.builder``);
-   then quantise its FP32 graph for the ``hqq-b32`` recipe (``packager.hqq``), and strip
+   then quantise its FP32 graph for the ``hqq-b32`` recipe (``packager.hqq``), give an
+   INT8 build's tied embedding the lm_head's blocks (``packager.embedding``), and strip
    and fuse a CPU target's graph, checking its greedy tokens did not change
    (``packager.optimize``);
 4. ``finalize``  — set the shipped default context, hash every file, describe the model
@@ -202,6 +203,14 @@ def _build_in(
         from edgephi.packager import hqq
 
         hqq.quantize(onnx_dir, config.recipe[0], target.accuracy_level, workdir / "hqq")
+    if precision is Precision.INT8 and target.execution_provider is ExecutionProvider.CPU:
+        from edgephi.packager import embedding
+
+        saved = embedding.share_int8_embedding(onnx_dir, workdir / "embedding")
+        if saved:
+            progress(
+                f"      INT8: the tied embedding now reads the lm_head's blocks, {saved / 2**20:.0f} MiB less"
+            )
     graph = _strip_and_fuse(config, onnx_dir, workdir, progress)
 
     progress("[3/5] finalising: default context, hashes, manifest")

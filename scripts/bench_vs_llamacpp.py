@@ -3,18 +3,26 @@
     scripts/bench_vs_llamacpp [--rounds 5] [--tokens 128] [--prompt-tokens 128]
 
 One F32 source — SmolLM2-135M-Instruct's GGUF, dequantised — becomes every contestant:
-our INT4 bundle with the CPU default recipe (``edge-pack build``), and llama.cpp's Q4_0
-and Q4_K_M (llama-cpp-python built from its source distribution by the shell wrapper, and
-its quantize API). Then, in
-one run, alternating the contestants round by round so that the machine's drift hits all
-of them alike, each round starts every contestant in a fresh process that loads the model,
+our bundles (``edge-pack build``: the CPU default recipe, two k-quant recipes that keep
+more in INT8, and INT8), and llama.cpp's Q4_0, Q4_K_M and Q8_0 (llama-cpp-python built
+from its source distribution by the shell wrapper, and its quantize API). Then, in one
+run, alternating the contestants round by round so that the machine's drift hits all of
+them alike, each round starts every contestant in a fresh process that loads the model,
 warms up, and measures one prompt of ``--prompt-tokens`` (TTFT) answered with exactly
 ``--tokens`` greedy tokens (decode tok/s), and reports its peak RSS. Perplexity is measured
 on the same token ids for all (onnxruntime-genai's tokenizer; the vocabularies are the same).
 
+Speed only means something at a quality: each of our bundles is also set against the
+llama.cpp file nearest to it in perplexity.
+
+Where decode time goes: one more process runs the default bundle under onnxruntime's
+profiler and splits a decode step into its kernels by operator (the lm_head apart), the
+executor's time between kernels, and what happens outside the model run (onnxruntime-genai's
+search and our Python).
+
 The limit: memory bandwidth measured here (all cores reading a buffer larger than the
-caches) divided by the bytes of weights read per generated token — every weight once,
-so the model files' size.
+caches) divided by the bytes of weights read per generated token — every weight once, but
+an embedding table only looked up a row at a time is not read whole.
 
 Prints the ratios and writes ``docs/benchmarks.md`` and ``docs/benchmarks.png``.
 """
@@ -41,7 +49,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "bench"
 FILLER = "The quick brown fox jumps over the lazy dog while the sea rolls in. "
-LLAMA_FTYPES = {"Q4_0": 2, "Q4_K_M": 15}  # llama_ftype values of llama.cpp's quantize
+LLAMA_FTYPES = {"Q4_0": 2, "Q4_K_M": 15, "Q8_0": 7}  # llama_ftype values of llama.cpp's quantize
+DEFAULT = "edgephi default-b32"
+# Our contestants: edge-pack build options for the cpu target.
+OURS: dict[str, dict[str, str]] = {
+    DEFAULT: {"quant": "default-b32"},
+    "edgephi kquant-last-b32": {"quant": "kquant-last-b32"},
+    "edgephi kquant-mixed-b32": {"quant": "kquant-mixed-b32"},
+    "edgephi int8": {"precision": "int8"},
+}
 
 
 # --- what the bench computes (unit-tested in tests/test_bench_script.py) ---------------------
@@ -60,6 +76,27 @@ def bandwidth_limit(bytes_per_second: float, bytes_per_token: int) -> float:
     return bytes_per_second / bytes_per_token
 
 
+def bytes_per_token(onnx_path: Path) -> int:
+    """Weight bytes a decode step reads: every initializer, except a table that only plain
+    ``Gather`` nodes use — an untied FP32 embedding, looked up one row per token (a tied one
+    shares the lm_head's quantised blocks, which the lm_head reads whole, and counts)."""
+    import numpy as np
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    users: dict[str, set[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, set()).add(node.op_type)
+    total = 0
+    for tensor in graph.initializer:
+        if users.get(tensor.name) == {"Gather"} and len(tensor.dims) == 2:
+            continue
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        total += int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+    return total
+
+
 def ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else math.nan
 
@@ -74,6 +111,45 @@ def log_softmax(logits: Any) -> Any:
     x = np.asarray(logits, dtype=np.float64)
     x = x - x.max()
     return x - math.log(float(np.exp(x).sum()))
+
+
+def nearest_in_quality(row: Row, others: list[Row]) -> Row:
+    """The contestant whose perplexity is closest to ``row``'s (by ratio, not difference)."""
+    return min(others, key=lambda other: abs(math.log(other.ppl / row.ppl)))
+
+
+def op_breakdown(events: list[dict[str, Any]], steps: int) -> dict[str, Any]:
+    """Split the last ``steps`` model runs of an onnxruntime profile into where their time went.
+
+    Returns microseconds per step: ``run`` (the whole ``model_run``), ``kernels`` (their sum)
+    and ``ops``, kernel time by operator type, the lm_head's MatMul counted apart; and
+    ``launches``, kernels run per step.
+    """
+    runs = sorted(
+        (e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+        key=lambda e: e["ts"],
+    )[-steps:]
+    if len(runs) < steps or steps <= 0:
+        raise ValueError(f"the profile has {len(runs)} model runs, fewer than the {steps} asked for")
+    spans = [(e["ts"], e["ts"] + e["dur"]) for e in runs]
+    ops: dict[str, float] = {}
+    launches = 0
+    for e in events:
+        if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time"):
+            continue
+        if not any(start <= e["ts"] <= end for start, end in spans):
+            continue
+        op = str(e.get("args", {}).get("op_name", "?"))
+        if op == "MatMulNBits" and "/lm_head/" in e["name"]:
+            op += " (lm_head)"
+        ops[op] = ops.get(op, 0.0) + e["dur"] / steps
+        launches += 1
+    return {
+        "launches": launches / steps,
+        "run": sum(e["dur"] for e in runs) / steps,
+        "kernels": sum(ops.values()),
+        "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
+    }
 
 
 @dataclass(frozen=True)
@@ -135,8 +211,10 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def worker(kind: str, path: str, ids: list[int], tokens: int, threads: int) -> dict[str, float]:
+def worker(kind: str, path: str, ids: list[int], tokens: int, threads: int) -> dict[str, Any]:
     """Runs in a fresh process: load, warm up, then one measured prompt + ``tokens`` tokens."""
+    if kind == "profile":
+        return profile_worker(Path(path), ids, tokens, threads)
     if kind == "llama.cpp":
         from llama_cpp import Llama
 
@@ -192,7 +270,44 @@ def worker(kind: str, path: str, ids: list[int], tokens: int, threads: int) -> d
     return {"ttft_s": ttft, "decode": decode, "peak_rss": peak_rss()}
 
 
-def run_worker(kind: str, path: Path, ids: list[int], tokens: int, threads: int) -> dict[str, float]:
+def profile_worker(folder: Path, ids: list[int], tokens: int, threads: int) -> dict[str, Any]:
+    """Decode under onnxruntime's profiler, on a copy of ``folder`` whose config turns it on."""
+    import gc
+    import shutil
+
+    from edgephi.runtime.engine import _og, open_model
+
+    og = _og()
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "model"
+        shutil.copytree(folder, copy)
+        config_path = copy / "genai_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config["model"]["decoder"]["session_options"]["enable_profiling"] = str(Path(tmp) / "profile")
+        config_path.write_text(json.dumps(config), encoding="utf-8")
+        model = open_model(copy, threads)
+        wall = 0.0
+        for _ in range(2):  # a warm-up generation, then the measured one
+            params = og.GeneratorParams(model)
+            total = len(ids) + tokens
+            params.set_search_options(max_length=total, min_length=total, do_sample=False)
+            generator = og.Generator(model, params)
+            generator.append_tokens(ids)
+            generator.generate_next_token()  # the first token: the prompt's run, not a decode step
+            start = time.perf_counter()
+            for _ in range(tokens - 1):
+                generator.generate_next_token()
+                generator.get_next_tokens()
+            wall = (time.perf_counter() - start) / (tokens - 1) * 1e6
+            del generator, params
+        del model
+        gc.collect()  # the profile is written when the session closes
+        trace = next(Path(tmp).glob("profile*.json"))
+        events = json.loads(trace.read_text(encoding="utf-8"))
+    return {"wall": wall, **op_breakdown(events, tokens - 1)}
+
+
+def run_worker(kind: str, path: Path, ids: list[int], tokens: int, threads: int) -> dict[str, Any]:
     spec = json.dumps({"kind": kind, "path": str(path), "ids": ids, "tokens": tokens, "threads": threads})
     env = {**os.environ, "EDGEPHI_HOME": str(CACHE / "store")}
     out = subprocess.run(
@@ -259,13 +374,21 @@ def llama_quantize(f32: Path, ftype: str, out: Path) -> Path:
     return out
 
 
-def our_bundle(f32: Path, recipe: str, out: Path) -> Path:
+def our_bundle(f32: Path, out: Path, quant: str | None = None, precision: str | None = None) -> Path:
     from edgephi import targets
     from edgephi.packager import pipeline
     from edgephi.packager.config import BuildConfig
+    from edgephi.targets import Precision
 
     if not out.exists():
-        pipeline.build(BuildConfig(source=str(f32), output=out, target=targets.get("cpu"), quant=recipe))
+        config = BuildConfig(
+            source=str(f32),
+            output=out,
+            target=targets.get("cpu"),
+            quant=quant,
+            precision=Precision(precision) if precision else None,
+        )
+        pipeline.build(config)
     return out
 
 
@@ -296,15 +419,17 @@ def write_report(rows: list[Row], limit_of: dict[str, float], meta: dict[str, An
         f"greedy tokens) on {meta['threads']} threads. Decode is the median with min–max; TTFT and "
         f"peak RSS are medians. PPL: {meta['ppl_tokens']} tokens of `{meta['text']}` in windows of "
         f"{meta['window']}, the same token ids for all. Memory bandwidth measured here: "
-        f"{meta['bandwidth'] / 1e9:.1f} GB/s; a contestant's limit is that divided by its "
-        "model file's bytes.",
+        f"{meta['bandwidth'] / 1e9:.1f} GB/s; a contestant's limit is that divided by the weight "
+        "bytes it reads per generated token: all of them, less an embedding table that is only "
+        "looked up a row at a time (SmolLM2's is tied: every contestant shares it with the "
+        "output matrix, which reads it whole).",
         "",
         "| " + " | ".join(HEADER) + " |",
         "|" + "---|" * len(HEADER),
     ]
     for row in rows:
         lines.append("| " + " | ".join(row.cells(limit_of[row.name], baseline)) + " |")
-    ours = rows[0]
+    ours = next(r for r in rows if r.name == DEFAULT)
     raw = next(r for r in rows if r.name.startswith("raw"))
     lines += [
         "",
@@ -318,8 +443,66 @@ def write_report(rows: list[Row], limit_of: dict[str, float], meta: dict[str, An
         "",
         "![decode tokens per second](benchmarks.png)",
         "",
+        "At comparable perplexity — each of our bundles against the llama.cpp file nearest to it in "
+        "perplexity (decode, medians):",
+        "",
     ]
+    llama = [r for r in rows if r.name.startswith("llama.cpp")]
+    for row in rows:
+        if row.name.startswith("edgephi"):
+            other = nearest_in_quality(row, llama)
+            lines.append(
+                f"- {row.name} (PPL {row.ppl:.2f}) / {other.name} (PPL {other.ppl:.2f}): "
+                f"{ratio(row.decode_median, other.decode_median):.2f}×"
+            )
+    lines.append("")
     return "\n".join(lines)
+
+
+def reading(rows: list[Row], limit_of: dict[str, float], profile: dict[str, Any]) -> list[str]:
+    """The run's conclusions against the issue's three targets, from its own numbers."""
+    by_name = {r.name: r for r in rows}
+    ours, raw = by_name[DEFAULT], by_name["raw onnxruntime-genai loop"]
+    llama = [r for r in rows if r.name.startswith("llama.cpp")]
+    overhead = 1 - ratio(ours.decode_median, raw.decode_median)
+    pairs = [(r, nearest_in_quality(r, llama)) for r in rows if r.name.startswith("edgephi")]
+    best, other = max(pairs, key=lambda p: ratio(p[0].decode_median, p[1].decode_median))
+    matmul = sum(us for op, us in profile["ops"].items() if op.startswith("MatMulNBits"))
+    between = profile["run"] - profile["kernels"]
+    rest = profile["kernels"] - matmul
+    share = ratio(ours.decode_median, limit_of[ours.name])
+    pair = ratio(best.decode_median, other.decode_median)
+    wall = profile["wall"]
+    return [
+        "Reading it, against the three targets:",
+        "",
+        f"- Our runtime's own cost over the raw loop: {overhead:+.1%} of decode speed "
+        f"({'within' if overhead <= 0.02 else 'outside'} the 2% target).",
+        f"- At comparable perplexity our best pairing is {best.name} / {other.name}, {pair:.2f}× "
+        f"({'meets' if pair >= 1.5 else 'short of'} the 1.5× target).",
+        f"- The default decodes at {share:.0%} of its bandwidth limit "
+        f"({'meets' if share >= 0.75 else 'short of'} the 75% target). Under the profiler a step "
+        f"runs {profile['launches']:.0f} kernels: the MatMulNBits, which read the weights, take "
+        f"{ratio(matmul, wall):.0%} of it, the other kernels {ratio(rest, wall):.0%} and onnxruntime's "
+        f"executor between kernels {ratio(between, wall):.0%} — time that reading fewer or faster "
+        "bytes does not shorten.",
+    ]
+
+
+def profile_lines(profile: dict[str, Any], shown: int = 6) -> list[str]:
+    """The profile as a table: kernels by operator, the executor between them, the loop outside."""
+    wall = profile["wall"]
+    ops = list(profile["ops"].items())
+    parts = ops[:shown]
+    rest = sum(us for _, us in ops[shown:])
+    if rest:
+        parts.append(("other operators", rest))
+    parts.append(("between kernels (onnxruntime's executor)", profile["run"] - profile["kernels"]))
+    parts.append(("outside the model run (onnxruntime-genai's search, Python)", wall - profile["run"]))
+    lines = ["| part of a decode step | µs | share |", "|---|---|---|"]
+    lines += [f"| {name} | {us:.0f} | {ratio(us, wall):.1%} |" for name, us in parts]
+    lines.append(f"| whole step | {wall:.0f} | 100% |")
+    return lines
 
 
 def write_chart(rows: list[Row], limit_of: dict[str, float], path: Path) -> None:
@@ -369,9 +552,10 @@ def main() -> None:
     CACHE.mkdir(parents=True, exist_ok=True)
     print("preparing contestants (cached in .cache/bench) …", flush=True)
     f32 = f32_gguf(assets.smollm2_gguf(), CACHE / "smollm2-f32.gguf")
-    # The CPU default only: hqq-* decodes far slower (float zero points have no fast kernel).
-    ours = {"edgephi default-b32": our_bundle(f32, "default-b32", CACHE / "default-b32.phi")}
-    folder = unpack(ours["edgephi default-b32"], CACHE / "default-b32")
+    # Not hqq-*: float zero points have no fast kernel, it decodes many times slower.
+    ours = {name: our_bundle(f32, CACHE / f"{name.split()[-1]}.phi", **kw) for name, kw in OURS.items()}
+    folders = {name: unpack(path, CACHE / path.stem) for name, path in ours.items()}
+    folder = folders[DEFAULT]
     llama = {f"llama.cpp {t}": llama_quantize(f32, t, CACHE / f"smollm2-{t}.gguf") for t in LLAMA_FTYPES}
 
     text = evaluate.default_text()
@@ -384,11 +568,9 @@ def main() -> None:
 
     print("perplexity …", flush=True)
     ppl: dict[str, float] = {}
-    for name, path in ours.items():
-        ppl[name] = evaluate.evaluate(
-            unpack(path, CACHE / path.stem), None, text, window=args.window, max_windows=args.windows
-        ).ppl
-    ppl["raw onnxruntime-genai loop"] = ppl["edgephi default-b32"]  # the same files
+    for name, path in folders.items():
+        ppl[name] = evaluate.evaluate(path, None, text, window=args.window, max_windows=args.windows).ppl
+    ppl["raw onnxruntime-genai loop"] = ppl[DEFAULT]  # the same files
     for name, path in llama.items():
         ppl[name] = llama_perplexity(path, all_ids, args.window, args.windows, threads)
     ppl_f32 = llama_perplexity(f32, all_ids, args.window, args.windows, threads)
@@ -396,7 +578,7 @@ def main() -> None:
     contestants: list[tuple[str, str, Path, int]] = [
         (name, "edgephi", path, _weights(path)) for name, path in ours.items()
     ]
-    contestants.insert(1, ("raw onnxruntime-genai loop", "og", folder, _weights(ours["edgephi default-b32"])))
+    contestants.insert(1, ("raw onnxruntime-genai loop", "og", folder, _weights(ours[DEFAULT])))
     contestants += [(name, "llama.cpp", path, path.stat().st_size) for name, path in llama.items()]
 
     bandwidth = measure_bandwidth(threads)
@@ -423,7 +605,10 @@ def main() -> None:
         )
         for name, _, _, size in contestants
     ]
-    limit_of = {row.name: bandwidth_limit(bandwidth, row.file_bytes) for row in rows}
+    read = {name: bytes_per_token(folder / "model.onnx") for name, folder in folders.items()}
+    read["raw onnxruntime-genai loop"] = read[DEFAULT]
+    read.update({name: path.stat().st_size for name, path in llama.items()})  # tied: all read
+    limit_of = {row.name: bandwidth_limit(bandwidth, read[row.name]) for row in rows}
     meta = {
         "date": _dt.date.today().isoformat(),
         "machine": f"{platform.machine()}, {threads} cores, {platform.processor() or platform.platform()}",
@@ -436,10 +621,22 @@ def main() -> None:
         "ppl_tokens": args.windows * (args.window - 1),
         "bandwidth": bandwidth,
     }
+    print("profiling a decode step …", flush=True)
+    profile = run_worker("profile", folder, prompt_ids, args.tokens, threads)
     report = write_report(rows, limit_of, meta)
     report += f"\nF32 perplexity of the shared source (llama.cpp, F32 GGUF): {ppl_f32:.2f}; "
     report += "the rise over it: "
     report += ", ".join(f"{row.name} {ratio(row.ppl, ppl_f32) - 1:+.1%}" for row in rows) + ".\n"
+    report += (
+        f"\nWhere a decode step of {DEFAULT} goes (onnxruntime's profiler, one more process, "
+        f"the {args.tokens - 1} decode steps of one generation; the profiler itself slows the step, "
+        "so read the shares):\n\n" + "\n".join(profile_lines(profile)) + "\n\n"
+    )
+    report += "\n".join(reading(rows, limit_of, profile)) + "\n"
+    report += (
+        "\nWhat each build and run setting does to decode speed, one changed at a time: "
+        "[decode-levers.md](decode-levers.md) (`scripts/decode_levers.py`).\n"
+    )
     (ROOT / "docs" / "benchmarks.md").write_text(report, encoding="utf-8")
     write_chart(rows, limit_of, ROOT / "docs" / "benchmarks.png")
     print(report)

@@ -61,6 +61,56 @@ def test_the_report_shows_what_was_measured_and_the_ratios() -> None:
     assert "160 (150–170)" in ours and "1.60×" in ours and "42%" in ours and "60 ms" in ours
     assert "raw onnxruntime-genai loop on the same files: 0.970" in report  # 160 / 165
     assert "our default bundle / llama.cpp Q4_K_M: 1.60×" in report
+    # 31.8 is nearer 27.0 than anything else here: 160 / 100
+    assert "edgephi default-b32 (PPL 31.80) / llama.cpp Q4_K_M (PPL 27.00): 1.60×" in report
+
+
+def test_the_nearest_in_quality_is_by_ratio_of_perplexities() -> None:
+    def row(name: str, ppl: float) -> bench.Row:
+        return bench.Row(name, 1, ppl, [0.1], [100], [1])
+
+    ours = row("ours", 30.0)
+    # 30 -> 20 is a ratio of 1.5, 30 -> 44 only 1.47: the larger difference is nearer.
+    assert bench.nearest_in_quality(ours, [row("a", 20.0), row("b", 44.0)]).name == "b"
+    assert bench.nearest_in_quality(ours, [row("a", 29.0), row("b", 44.0)]).name == "a"
+
+
+def profile_events() -> list[dict]:
+    """Two model runs of a fake profile: a 1000 µs prompt run, then a 300 µs decode step."""
+
+    def node(name: str, op: str, ts: int, dur: int) -> dict:
+        return {"cat": "Node", "name": f"{name}_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": op}}
+
+    return [
+        {"cat": "Session", "name": "model_run", "ts": 0, "dur": 1000},
+        node("/model/layers.0/mlp/down_proj/MatMul_Q4", "MatMulNBits", 10, 900),
+        {"cat": "Session", "name": "model_run", "ts": 2000, "dur": 300},
+        node("/model/layers.0/attn/qkv_proj/MatMul_Q4", "MatMulNBits", 2010, 100),
+        node("/model/layers.0/mlp/down_proj/MatMul_Q4", "MatMulNBits", 2110, 50),
+        node("/lm_head/MatMul_Q4", "MatMulNBits", 2160, 80),
+        node("/model/layers.0/attn/GroupQueryAttention", "GroupQueryAttention", 2240, 30),
+        {"cat": "Node", "name": "/lm_head/MatMul_Q4_fence_before", "ts": 2160, "dur": 0, "args": {}},
+    ]
+
+
+def test_the_profile_splits_the_decode_steps_by_operator() -> None:
+    out = bench.op_breakdown(profile_events(), steps=1)
+    # Only the last run counts, the prompt run's kernel is left out; the lm_head is apart.
+    assert out["run"] == 300 and out["kernels"] == 260
+    assert out["ops"] == {"MatMulNBits": 150, "MatMulNBits (lm_head)": 80, "GroupQueryAttention": 30}
+    assert bench.op_breakdown(profile_events(), steps=2)["kernels"] == (900 + 260) / 2
+    with pytest.raises(ValueError, match="fewer"):
+        bench.op_breakdown(profile_events(), steps=3)
+
+
+def test_the_profile_table_accounts_for_the_whole_step() -> None:
+    profile = {**bench.op_breakdown(profile_events(), steps=1), "wall": 400.0}
+    table = bench.profile_lines(profile, shown=2)
+    assert "| MatMulNBits | 150 | 37.5% |" in table
+    assert "| other operators | 30 | 7.5% |" in table
+    assert "| between kernels (onnxruntime's executor) | 40 | 10.0% |" in table
+    assert "| outside the model run (onnxruntime-genai's search, Python) | 100 | 25.0% |" in table
+    assert table[-1] == "| whole step | 400 | 100% |"
 
 
 def test_f32_gguf_dequantises_every_tensor_and_keeps_the_metadata(tmp_path: Path) -> None:
@@ -88,3 +138,48 @@ def test_f32_gguf_dequantises_every_tensor_and_keeps_the_metadata(tmp_path: Path
     assert reader.fields["tokenizer.ggml.tokens"].contents() == ["a", "b"]
     assert reader.fields["llama.block_count"].contents() == 1
     assert not (tmp_path / "f32.gguf.part").exists()
+
+
+def test_bytes_per_token_leaves_out_a_table_only_looked_up_by_row(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [
+        numpy_helper.from_array(np.zeros((10, 4), np.float32), "embedding"),  # Gather only: 160 B, not read
+        numpy_helper.from_array(np.zeros((4, 4), np.float32), "w"),  # 64 B
+        numpy_helper.from_array(np.zeros((10, 4), np.uint8), "shared"),  # Gather and MatMul: 40 B
+        numpy_helper.from_array(np.zeros(3, np.int64), "index"),  # a 1-D Gather input: 24 B
+    ]
+    nodes = [
+        helper.make_node("Gather", ["embedding", "ids"], ["e"]),
+        helper.make_node("Gather", ["shared", "ids"], ["s"]),
+        helper.make_node("Gather", ["index", "ids"], ["i"]),
+        helper.make_node("MatMul", ["e", "w"], ["y"]),
+        helper.make_node("MatMul", ["x", "shared"], ["z"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, [1]),
+            helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 10]),
+        ],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "z", "s", "i")],
+        initializer=inits,
+    )
+    onnx.save(helper.make_model(graph), tmp_path / "m.onnx")
+    assert bench.bytes_per_token(tmp_path / "m.onnx") == 64 + 40 + 24
+
+
+def test_the_reading_checks_each_target_with_the_runs_numbers() -> None:
+    table = rows()  # ours 160, raw 165, llama.cpp Q4_K_M 100 tok/s
+    limits = {r.name: 400.0 for r in table}
+    profile = {**bench.op_breakdown(profile_events(), steps=1), "wall": 400.0}
+    text = "\n".join(bench.reading(table, limits, profile))
+    assert "raw loop: +3.0% of decode speed (outside the 2% target)" in text
+    assert "edgephi default-b32 / llama.cpp Q4_K_M, 1.60× (meets the 1.5× target)" in text
+    assert "40% of its bandwidth limit (short of the 75% target)" in text
+    # 4 kernels; MatMulNBits 230 of 400 µs (57.5%, formatted 57%), the other kernel 30,
+    # the executor 300 - 260 = 40
+    assert "runs 4 kernels: the MatMulNBits, which read the weights, take 57%" in text
+    assert "the other kernels 8% and onnxruntime's executor between kernels 10%" in text

@@ -55,3 +55,10 @@ def test_last_error_line_finds_the_exception(tmp_path: Path) -> None:
     log = tmp_path / "b.log"
     log.write_text("progress 1\nTraceback (most recent call last):\n  File x\nValueError: bad config\nbye\n")
     assert builder.last_error_line(log) == "ValueError: bad config"
+
+
+def test_gate_and_up_are_fused_unless_lora_projections_must_stay_apart() -> None:
+    assert request().extra_options()["fuse_mlp_gate_up"] == "true"
+    assert "fuse_mlp_gate_up" not in request(adapter_path=Path("/a")).extra_options()
+    excluded = ("/model/layers.0/mlp/gate_proj/MatMul",)
+    assert "fuse_mlp_gate_up" not in request(exclude_nodes=excluded).extra_options()

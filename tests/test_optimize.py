@@ -17,14 +17,14 @@ import onnxruntime as ort
 import pytest
 import tiny
 from conftest import build_bundle
-from edgephi.packager import builder, hqq, optimize
+from edgephi.packager import builder, embedding, evaluate, hqq, optimize
 from edgephi.runtime import bundle, load
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.store import Store
 from edgephi.targets import ExecutionProvider, ModelFormat, Precision
 
 
-def export(source: Path, out: Path, precision: Precision, tied: bool = False) -> Path:
+def export(source: Path, out: Path, precision: Precision, tied: bool = False, fuse: bool = True) -> Path:
     builder.export(
         builder.ExportRequest(
             source=str(source),
@@ -35,6 +35,7 @@ def export(source: Path, out: Path, precision: Precision, tied: bool = False) ->
             precision=precision,
             execution_provider=ExecutionProvider.CPU,
             tied_embeddings=tied,
+            fuse_gate_up=fuse,
         )
     )
     return out
@@ -84,6 +85,71 @@ def test_the_optimised_graph_generates_the_same_greedy_tokens(name: str, exporte
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     assert all(not n.doc_string for n in graph.graph.node)
     assert greedy(folder) == greedy(original)
+
+
+def test_fused_gate_up_is_one_matmul_per_layer_with_the_same_tokens(exported, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    fused = exported("phi3.5-mini", Precision.INT4)
+    apart = export(tiny.tiny_model("phi3.5-mini"), tmp_path / "apart", Precision.INT4, fuse=False)
+
+    def matmuls(folder: Path) -> list[str]:
+        graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+        return [n.name for n in graph.node if n.op_type == "MatMulNBits" and "/mlp/" in n.name]
+
+    layers = tiny.SPECS["phi3.5-mini"]["config"]["num_hidden_layers"]
+    assert sum("gate_up_proj" in n for n in matmuls(fused)) == layers
+    assert len(matmuls(apart)) == len(matmuls(fused)) + layers
+    # Blocks run along the input dimension, so fusing before quantising changes no weight.
+    assert greedy(fused) == greedy(apart)
+
+
+def test_an_int8_tied_embedding_reads_the_lm_heads_blocks(exported, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    original = exported("qwen2", Precision.INT8)
+    folder = copy(original, tmp_path / "m")
+    saved = embedding.share_int8_embedding(folder, tmp_path / "work")
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    table = next(t for t in graph.initializer if t.name == "lm_head.MatMul.weight_Q8")
+    assert saved == table.dims[0] * table.dims[1] * table.dims[2] * 4  # the FP32 copy is gone
+    data = (folder / "model.onnx.data").stat().st_size
+    assert data <= (original / "model.onnx.data").stat().st_size - saved + 4096
+    lookups = [
+        n for n in graph.node if n.op_type in ("Gather", "GatherBlockQuantized") and "input_ids" in n.input
+    ]
+    assert [n.op_type for n in lookups] == ["GatherBlockQuantized"]
+    # The lookup alone, run by onnxruntime: the FP32 rows to within one INT8 step of their block.
+    shared = onnx.load(str(folder / "model.onnx"))
+    reshape = next(n for n in shared.graph.node if lookups[0].input[0] in n.output)
+    needed = set(reshape.input) | set(lookups[0].input)
+    lookup = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [reshape, lookups[0]],
+            "lookup",
+            [onnx.helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, [1, None])],
+            [onnx.helper.make_tensor_value_info(lookups[0].output[0], onnx.TensorProto.FLOAT, None)],
+            [t for t in shared.graph.initializer if t.name in needed],
+        ),
+        opset_imports=list(shared.opset_import),
+    )
+    ids = np.array([[0, 1, 17, 4242, table.dims[0] - 1]], dtype=np.int64)
+    (rows,) = ort.InferenceSession(lookup.SerializeToString()).run(None, {"input_ids": ids})
+    full = onnx.load(str(original / "model.onnx"))
+    fp32 = next(
+        onnx.numpy_helper.to_array(t) for t in full.graph.initializer if t.dims == [table.dims[0], 128]
+    )
+    scales = onnx.numpy_helper.to_array(
+        next(t for t in full.graph.initializer if t.name == "lm_head.MatMul.weight_scales")
+    )
+    step = np.repeat(np.abs(scales[ids[0]]), 32, axis=1)
+    assert np.all(np.abs(rows[0] - fp32[ids[0]]) <= step + 1e-6)
+    # And the model around it: a wrong zero point or layout would cost nats, not hundredths.
+    result = evaluate.evaluate(folder, original, window=64, max_windows=2)
+    assert result.kl is not None and result.kl < 0.05 and (result.top1_agreement or 0) > 0.8
+
+
+def test_an_untied_int8_embedding_is_left_as_it_is(exported, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    folder = copy(exported("phi3.5-mini", Precision.INT8), tmp_path / "m")
+    before = (folder / "model.onnx.data").read_bytes()
+    assert embedding.share_int8_embedding(folder, tmp_path / "work") == 0
+    assert (folder / "model.onnx.data").read_bytes() == before
 
 
 def test_ort_format_keeps_the_shared_embedding_and_lists_its_operators(exported, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
