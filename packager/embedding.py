@@ -6,7 +6,7 @@ The builder shares a tied embedding with the lm_head only at INT4 (its
 ``GatherBlockQuantized`` reads 8-bit blocks in the MatMulNBits layout too (unsigned, zero
 point 128 when none is given), so the lookup is pointed at the lm_head's blocks and the FP32
 table dropped. Called by the pipeline after the export (``packager.pipeline``), before strip
-and fuse; its greedy-token check then runs on the shared graph.
+and fuse, which then optimises the shared graph.
 
 Only a table that *is* the lm_head's weights is replaced: a few rows are dequantised here
 and compared with the FP32 table first, so an untied embedding is left as it is.
