@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgephi.packager.optimize import decoder_file, replace_decoder
+from edgephi.packager.optimize import decoder_file, save_decoder
 
 BITS = 8
 ZERO_POINT = 1 << (BITS - 1)
@@ -71,16 +71,7 @@ def share_int8_embedding(model_dir: Path, workdir: Path) -> int:
     ):
         model.graph.node.insert(index + offset, node)
     model.graph.initializer.remove(table)
-    workdir.mkdir(parents=True, exist_ok=True)
-    onnx.save(
-        model,
-        str(workdir / name),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=name + ".data",
-        size_threshold=1024,
-    )
-    replace_decoder(model_dir, name, workdir)
+    save_decoder(model, model_dir, name, workdir)
     return saved
 
 

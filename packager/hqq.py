@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from edgephi.packager.optimize import decoder_file, replace_decoder
+from edgephi.packager.optimize import decoder_file, save_decoder
 from edgephi.runtime.errors import BuildError
 
 BITS = 4
@@ -61,16 +61,7 @@ def quantize(model_dir: Path, block_size: int, accuracy_level: int, workdir: Pat
         _quantize_embedding(model, embedding, block_size)
     _drop_unused_initializers(model)
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    onnx.save(
-        model,
-        str(workdir / name),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=name + ".data",
-        size_threshold=1024,
-    )
-    replace_decoder(model_dir, name, workdir)
+    save_decoder(model, model_dir, name, workdir)
     return count
 
 

@@ -25,6 +25,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edgephi.runtime.errors import BuildError, DependencyMissing
 from edgephi.targets import ModelFormat
@@ -72,6 +73,22 @@ def replace_decoder(model_dir: Path, name: str, workdir: Path) -> None:
         old.unlink()
     for new in workdir.iterdir():
         shutil.move(str(new), model_dir / new.name)
+
+
+def save_decoder(model: Any, model_dir: Path, name: str, workdir: Path) -> None:
+    """Write an edited decoder graph (weights as external data) in place of ``name``."""
+    import onnx
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    onnx.save(
+        model,
+        str(workdir / name),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=name + ".data",
+        size_threshold=1024,
+    )
+    replace_decoder(model_dir, name, workdir)
 
 
 def _model_bytes(model_dir: Path, name: str) -> int:
