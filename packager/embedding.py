@@ -75,6 +75,18 @@ def share_int8_embedding(model_dir: Path, workdir: Path) -> int:
     return saved
 
 
+def embedding_gather(model: Any) -> Any:
+    """The ``Gather`` that looks up a graph input (``input_ids``) in a table, if there is one.
+
+    The table is an initializer, or for a tied FP32 graph the lm_head weight's ``Transpose``.
+    """
+    inputs = {i.name for i in model.graph.input}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in inputs:
+            return node
+    return None
+
+
 def _attr(node: Any, key: str) -> int:
     return next(int(a.i) for a in node.attribute if a.name == key)
 
@@ -85,23 +97,12 @@ def _tied_pair(model: Any) -> tuple[Any, Any, Any] | None:
     from onnx import TensorProto, numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
-    inputs = {i.name for i in model.graph.input}
-    gather = next(
-        (
-            node
-            for node in model.graph.node
-            if node.op_type == "Gather"
-            and len(node.input) == 2
-            and node.input[1] in inputs
-            and node.input[0] in inits
-        ),
-        None,
-    )
+    gather = embedding_gather(model)
     lm_head = next(
         (node for node in model.graph.node if node.op_type == "MatMulNBits" and "lm_head" in node.name),
         None,
     )
-    if gather is None or lm_head is None or _attr(lm_head, "bits") != BITS:
+    if gather is None or gather.input[0] not in inits or lm_head is None or _attr(lm_head, "bits") != BITS:
         return None
     if len(lm_head.input) > 3 and lm_head.input[3]:
         return None  # explicit zero points: not the symmetric layout this reads

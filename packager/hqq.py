@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from edgephi.packager.embedding import embedding_gather
 from edgephi.packager.optimize import decoder_file, save_decoder
 from edgephi.runtime.errors import BuildError
 
@@ -56,22 +57,13 @@ def quantize(model_dir: Path, block_size: int, accuracy_level: int, workdir: Pat
             count += 1
     if count == 0:
         raise BuildError("HQQ found no MatMul with constant weights to quantise in the exported model")
-    embedding = _embedding_gather(model)
+    embedding = embedding_gather(model)
     if embedding is not None:
         _quantize_embedding(model, embedding, block_size)
     _drop_unused_initializers(model)
 
     save_decoder(model, model_dir, name, workdir)
     return count
-
-
-def _embedding_gather(model: Any) -> Any:
-    """The ``Gather`` that looks up ``input_ids`` in a constant table, if there is one."""
-    inputs = {i.name for i in model.graph.input}
-    for node in model.graph.node:
-        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in inputs:
-            return node
-    return None
 
 
 def _initializers(model: Any) -> dict[str, Any]:

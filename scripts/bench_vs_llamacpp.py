@@ -118,6 +118,18 @@ def nearest_in_quality(row: Row, others: list[Row]) -> Row:
     return min(others, key=lambda other: abs(math.log(other.ppl / row.ppl)))
 
 
+def quality_pairs(rows: list[Row]) -> list[tuple[Row, Row]]:
+    """Each of our bundles with the llama.cpp file nearest to it in perplexity."""
+    llama = [r for r in rows if r.name.startswith("llama.cpp")]
+    return [(r, nearest_in_quality(r, llama)) for r in rows if r.name.startswith("edgephi")]
+
+
+def alternating(items: list[Any], round_no: int) -> list[Any]:
+    """Round ``round_no``'s order: the list rotated by one each round, so no one always goes first."""
+    shift = round_no % len(items)
+    return items[shift:] + items[:shift]
+
+
 def op_breakdown(events: list[dict[str, Any]], steps: int) -> dict[str, Any]:
     """Split the last ``steps`` model runs of an onnxruntime profile into where their time went.
 
@@ -271,13 +283,11 @@ def worker(kind: str, path: str, ids: list[int], tokens: int, threads: int) -> d
 
 
 def profile_worker(folder: Path, ids: list[int], tokens: int, threads: int) -> dict[str, Any]:
-    """Decode under onnxruntime's profiler, on a copy of ``folder`` whose config turns it on."""
+    """The raw og loop's run (``worker("og", …)``) under onnxruntime's profiler, on a copy of
+    ``folder`` whose config turns it on; its last ``tokens - 1`` model runs are the decode steps."""
     import gc
     import shutil
 
-    from edgephi.runtime.engine import _og, open_model
-
-    og = _og()
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "model"
         shutil.copytree(folder, copy)
@@ -285,26 +295,11 @@ def profile_worker(folder: Path, ids: list[int], tokens: int, threads: int) -> d
         config = json.loads(config_path.read_text(encoding="utf-8"))
         config["model"]["decoder"]["session_options"]["enable_profiling"] = str(Path(tmp) / "profile")
         config_path.write_text(json.dumps(config), encoding="utf-8")
-        model = open_model(copy, threads)
-        wall = 0.0
-        for _ in range(2):  # a warm-up generation, then the measured one
-            params = og.GeneratorParams(model)
-            total = len(ids) + tokens
-            params.set_search_options(max_length=total, min_length=total, do_sample=False)
-            generator = og.Generator(model, params)
-            generator.append_tokens(ids)
-            generator.generate_next_token()  # the first token: the prompt's run, not a decode step
-            start = time.perf_counter()
-            for _ in range(tokens - 1):
-                generator.generate_next_token()
-                generator.get_next_tokens()
-            wall = (time.perf_counter() - start) / (tokens - 1) * 1e6
-            del generator, params
-        del model
+        decode = worker("og", str(copy), ids, tokens, threads)["decode"]
         gc.collect()  # the profile is written when the session closes
         trace = next(Path(tmp).glob("profile*.json"))
         events = json.loads(trace.read_text(encoding="utf-8"))
-    return {"wall": wall, **op_breakdown(events, tokens - 1)}
+    return {"wall": 1e6 / decode, **op_breakdown(events, tokens - 1)}
 
 
 def run_worker(kind: str, path: Path, ids: list[int], tokens: int, threads: int) -> dict[str, Any]:
@@ -447,14 +442,11 @@ def write_report(rows: list[Row], limit_of: dict[str, float], meta: dict[str, An
         "perplexity (decode, medians):",
         "",
     ]
-    llama = [r for r in rows if r.name.startswith("llama.cpp")]
-    for row in rows:
-        if row.name.startswith("edgephi"):
-            other = nearest_in_quality(row, llama)
-            lines.append(
-                f"- {row.name} (PPL {row.ppl:.2f}) / {other.name} (PPL {other.ppl:.2f}): "
-                f"{ratio(row.decode_median, other.decode_median):.2f}×"
-            )
+    for row, other in quality_pairs(rows):
+        lines.append(
+            f"- {row.name} (PPL {row.ppl:.2f}) / {other.name} (PPL {other.ppl:.2f}): "
+            f"{ratio(row.decode_median, other.decode_median):.2f}×"
+        )
     lines.append("")
     return "\n".join(lines)
 
@@ -463,10 +455,8 @@ def reading(rows: list[Row], limit_of: dict[str, float], profile: dict[str, Any]
     """The run's conclusions against the issue's three targets, from its own numbers."""
     by_name = {r.name: r for r in rows}
     ours, raw = by_name[DEFAULT], by_name["raw onnxruntime-genai loop"]
-    llama = [r for r in rows if r.name.startswith("llama.cpp")]
     overhead = 1 - ratio(ours.decode_median, raw.decode_median)
-    pairs = [(r, nearest_in_quality(r, llama)) for r in rows if r.name.startswith("edgephi")]
-    best, other = max(pairs, key=lambda p: ratio(p[0].decode_median, p[1].decode_median))
+    best, other = max(quality_pairs(rows), key=lambda p: ratio(p[0].decode_median, p[1].decode_median))
     matmul = sum(us for op, us in profile["ops"].items() if op.startswith("MatMulNBits"))
     between = profile["run"] - profile["kernels"]
     rest = profile["kernels"] - matmul
@@ -585,8 +575,7 @@ def main() -> None:
     print(f"memory bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)
     runs: dict[str, list[dict[str, float]]] = {c[0]: [] for c in contestants}
     for round_no in range(args.rounds):
-        order = contestants[round_no % len(contestants) :] + contestants[: round_no % len(contestants)]
-        for name, kind, path, _ in order:
+        for name, kind, path, _ in alternating(contestants, round_no):
             runs[name].append(run_worker(kind, path, prompt_ids, args.tokens, threads))
         print(
             f"round {round_no + 1}/{args.rounds}: "

@@ -129,8 +129,7 @@ def main() -> None:
     threads = {v.name: v.threads for v in VARIANTS}
     decode: dict[str, list[float]] = {key: [] for key in keys}
     for round_no in range(args.rounds):
-        order = keys[round_no % len(keys) :] + keys[: round_no % len(keys)]
-        for key in order:
+        for key in bench.alternating(keys, round_no):
             decode[key].append(bench.run_worker("og", folders[key], ids, args.tokens, threads[key])["decode"])
         print(f"round {round_no + 1}/{args.rounds} done", flush=True)
 

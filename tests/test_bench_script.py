@@ -183,3 +183,13 @@ def test_the_reading_checks_each_target_with_the_runs_numbers() -> None:
     # the executor 300 - 260 = 40
     assert "runs 4 kernels: the MatMulNBits, which read the weights, take 57%" in text
     assert "the other kernels 8% and onnxruntime's executor between kernels 10%" in text
+
+
+def test_alternating_rotates_the_order_round_by_round() -> None:
+    items = ["a", "b", "c"]
+    assert [bench.alternating(items, r) for r in range(4)] == [
+        ["a", "b", "c"],
+        ["b", "c", "a"],
+        ["c", "a", "b"],
+        ["a", "b", "c"],
+    ]
