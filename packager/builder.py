@@ -44,6 +44,8 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
     "SmolLM3ForCausalLM",
+    # Phi-3(.5)-vision: the builder exports its text decoder, edgephi.packager.vision the rest.
+    "Phi3VForCausalLM",
 )
 
 # Our option names, each a documented builder extra option.
@@ -60,6 +62,7 @@ OPTION_NAMES = (
     "adapter_path",
     "nodes_to_exclude",
     "fuse_mlp_gate_up",
+    "exclude_embeds",
 )
 CALIBRATION_MODULE = "onnxruntime_genai.models.quantization.kv_cache_calibration"
 KV_INT8_SCHEME = "int8_per_channel"
@@ -85,6 +88,7 @@ class ExportRequest:
     adapter_path: Path | None = None  # a PEFT LoRA adapter folder to build in
     exclude_nodes: tuple[str, ...] = ()  # MatMuls left unquantised (the LoRA ones)
     fuse_gate_up: bool = True
+    inputs_embeds: bool = False  # a decoder fed embeddings (a vision model's), not token ids
 
     def extra_options(self) -> dict[str, str]:
         # Only the last position's logits are needed to generate; computing them for every
@@ -106,6 +110,8 @@ class ExportRequest:
                 # Asymmetric weights with a shared embedding/lm_head matrix produce a model
                 # onnxruntime rejects; keep the two matrices separate.
                 opts["shared_embeddings"] = "false"
+        if self.inputs_embeds:
+            opts["exclude_embeds"] = "true"
         if self.adapter_path is not None:
             opts["adapter_path"] = str(self.adapter_path)
         if self.exclude_nodes:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from edgephi import targets
@@ -126,6 +126,16 @@ def build(
         console.info(f"quality: {_quality_line(m.quality)}")
 
 
+def _inputs_line(model: dict[str, Any]) -> str:
+    vision = model.get("vision")
+    if not isinstance(vision, dict):
+        return "text"
+    sessions = model.get("sessions") or {}
+    files = ", ".join(f"{role} {s.get('file', '?')}" for role, s in sessions.items() if isinstance(s, dict))
+    formats, most = "/".join(vision.get("formats", [])), vision.get("max_image_tokens", "?")
+    return f"text and images ({formats}, up to {most} tokens each); sessions: {files}"
+
+
 def _quality_line(q: dict[str, object]) -> str:
     if not q:
         return "not measured (edge-pack build --eval)"
@@ -162,6 +172,7 @@ def inspect(
         ("weights", _size(m.memory.get("weights_bytes", 0))),
         ("KV cache", f"{_size(m.memory.get('kv_bytes_per_token', 0))} per token"),
         ("chat template", "yes" if m.chat_template else "no"),
+        ("inputs", _inputs_line(m.model)),
         ("quality", _quality_line(m.quality)),
         ("signature", f"signed by {', '.join(m.signed_by)}" if m.signed_by else "unsigned"),
         (

@@ -14,12 +14,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+from edgephi.packager.vision import VisionSpec
 from edgephi.runtime.bundle import MANIFEST_MEMBER
 from edgephi.runtime.errors import BuildError
 from edgephi.runtime.manifest import FileEntry, check_member_path
 
 _KV_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
+# A vision bundle's default context: one picture at its most expensive (2653 tokens), a
+# question and an answer.
+VISION_CONTEXT = 4096
 _WEIGHT_SUFFIXES = (".onnx", ".ort", ".data", ".onnx_data", ".bin")
+MAX_CROPS_WITH_GLOBAL = 17  # og's processor always passes 16 crop slots and the global view
 
 
 def set_default_context(model_dir: Path, context: int) -> int:
@@ -63,11 +68,74 @@ def memory_facts(files: list[FileEntry], model: dict[str, Any]) -> dict[str, int
     """Weights on disk and KV bytes per token for the cache type the bundle was built with."""
     weights = sum(f.size for f in files if f.path.endswith(_WEIGHT_SUFFIXES))
     per_element = 2 * model["num_hidden_layers"] * model["num_key_value_heads"] * model["head_size"]
-    return {
+    out = {
         "weights_bytes": weights,
         "kv_bytes_per_token": per_element * _KV_BYTES[model.get("kv_cache", "fp32")],
         "kv_bytes_per_token_fp16": per_element * _KV_BYTES["fp16"],
     }
+    if "vision" in model:
+        out["vision_scratch_bytes"] = vision_scratch(model["vision"]["encoder"])
+    return out
+
+
+def vision_facts(spec: VisionSpec) -> dict[str, Any]:
+    """The manifest's ``model.vision``: what an image costs and the encoder that sees it."""
+    from edgephi.runtime import images
+
+    return {
+        "formats": ["png", "jpeg"],
+        "processor": "processor_config.json",
+        "crop": images.CROP,
+        "max_crops": images.MAX_CROPS,
+        "tokens_per_crop": images.TOKENS_PER_CROP,
+        "max_image_tokens": images.max_image_tokens(),
+        "max_pixels": images.MAX_PIXELS,
+        "encoder": {
+            "width": spec.width,
+            "layers": spec.layers,
+            "heads": spec.heads,
+            "mlp": spec.mlp,
+            "patch": spec.patch,
+            "image_size": spec.image_size,
+            "order": spec.order,
+            "precision": "fp32",
+        },
+    }
+
+
+def vision_scratch(encoder: dict[str, Any]) -> int:
+    """Peak working memory of one picture through the encoder: all 17 crops at once.
+
+    Per layer onnxruntime holds every head's attention scores ([crops, heads, T, T]) twice
+    — the MatMul's output and the Softmax's — and the MLP's hidden activations; add the
+    pixel tensor og's processor makes. For Phi-3.5-vision's ViT-L (16 heads, 4096-wide
+    MLP, 1024 wide): 1.22 GiB; ``scripts/vision_scale.py`` measured 1.10 GiB.
+    """
+    crops = MAX_CROPS_WITH_GLOBAL
+    tokens = (encoder["image_size"] // encoder["patch"]) ** 2 + 1
+    scores = 2 * encoder["heads"] * tokens * tokens
+    activations = 2 * tokens * encoder["mlp"] + 6 * tokens * encoder["width"]
+    pixels = 3 * encoder["image_size"] ** 2
+    return int(crops * (scores + activations + pixels) * 4)
+
+
+def sessions(model_dir: Path) -> dict[str, Any]:
+    """The manifest's ``sessions``: each ONNX model og runs, its file and its inputs and outputs."""
+    import onnx
+
+    genai = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))
+    out: dict[str, Any] = {}
+    for role in ("vision", "embedding", "decoder"):
+        section = genai["model"].get(role)
+        if not section:
+            continue
+        graph = onnx.load(str(model_dir / section["filename"]), load_external_data=False).graph
+        out[role] = {
+            "file": section["filename"],
+            "inputs": [i.name for i in graph.input if not i.name.startswith("past_key_values.")],
+            "outputs": [o.name for o in graph.output if not o.name.startswith("present.")],
+        }
+    return out
 
 
 def file_entries(model_dir: Path) -> list[FileEntry]:

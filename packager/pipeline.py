@@ -11,6 +11,9 @@ The steps, each a function from inputs to outputs inside one work directory:
    INT8 build's tied embedding the lm_head's blocks (``packager.embedding``), and strip
    and fuse a CPU target's graph, checking its greedy tokens did not change
    (``packager.optimize``);
+   A Phi-3.5-vision checkpoint's text decoder is exported from a staged copy with a
+   native Phi-3 config; its image encoder and embedding models are built by
+   ``packager.vision`` before the graph is optimised;
 4. ``finalize``  — set the shipped default context, hash every file, describe the model
    and its memory needs in the manifest (``packager.finalize``);
 5. ``validate``  — load the result in onnxruntime-genai and generate (``packager.validate``);
@@ -33,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgephi.packager import adapters, builder, finalize, optimize, sources, validate, writer
+from edgephi.packager import adapters, builder, finalize, optimize, sources, validate, vision, writer
 from edgephi.packager.config import QUANT_RECIPES, BuildConfig
 from edgephi.runtime.bundle import MIN_RUNTIME
 from edgephi.runtime.errors import BuildError
@@ -142,11 +145,41 @@ def build(config: BuildConfig, progress: Progress = lambda _msg: None) -> BuildR
             remove_tree(workdir)
 
 
+def _check_vision(config: BuildConfig, source: sources.Source) -> None:
+    """Refuse, before any work, what a vision build cannot do yet."""
+    if source.kind != "hf-folder":
+        raise BuildError(
+            "a Phi-3.5-vision model is packed from a local checkpoint folder, whose image-side "
+            "weights edgephi exports itself",
+            hint="download the checkpoint (config.json and *.safetensors) and give its folder",
+        )
+    if config.target.execution_provider is not ExecutionProvider.CPU:
+        raise BuildError(f"vision bundles are built for CPU targets; {config.target.name} is not one")
+    unsupported = [
+        what
+        for what, on in (
+            ("--adapter", bool(config.adapters)),
+            ("--eval / --max-ppl-increase", config.measures_quality),
+            ("an int8 KV cache target", config.target.kv_cache is KVCache.INT8),
+        )
+        if on
+    ]
+    if unsupported:
+        raise BuildError(f"vision bundles cannot be built with {', '.join(unsupported)} yet")
+
+
 def _build_in(
     config: BuildConfig, source: sources.Source, keys: list[SigningKey], workdir: Path, progress: Progress
 ) -> BuildResult:
     hf_config = source.config
     builder_input = source.ref
+    multimodal = vision.is_vision(hf_config)
+    if multimodal:
+        _check_vision(config, source)
+        # The builder loads weights with transformers, which reads Phi-3-vision only through
+        # the checkpoint's own (remote) code; the decoder is a native Phi-3, so stage that.
+        assert source.path is not None
+        builder_input = str(vision.stage_text_folder(source.path, hf_config, workdir / "text"))
     if source.kind == "gguf":
         assert source.path is not None
         progress(f"[1/5] dequantising {source.path.name} to an F32 Hugging Face folder")
@@ -175,6 +208,7 @@ def _build_in(
         symmetric=target.symmetric,
         algorithm=config.recipe[1],
         tied_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+        inputs_embeds=multimodal,
     )
     progress(
         f"[2/5] exporting {precision.value} for {target.execution_provider.value} with the model builder"
@@ -211,10 +245,19 @@ def _build_in(
             progress(
                 f"      INT8: the tied embedding now reads the lm_head's blocks, {saved / 2**20:.0f} MiB less"
             )
+    spec = None
+    if multimodal:
+        assert source.path is not None
+        progress("      vision: exporting the image encoder and the embedding model (FP32)")
+        spec = vision.export(source.path, hf_config, onnx_dir)
     graph = _strip_and_fuse(config, onnx_dir, workdir, progress)
 
     progress("[3/5] finalising: default context, hashes, manifest")
-    context = finalize.set_default_context(onnx_dir, config.effective_context)
+    wanted = config.effective_context
+    if spec is not None and config.context is None:
+        # The target's default would not hold one picture (up to 2653 tokens) and a question.
+        wanted = max(wanted, finalize.VISION_CONTEXT)
+    context = finalize.set_default_context(onnx_dir, wanted)
     chat_template = finalize.has_chat_template(onnx_dir)
     files = finalize.file_entries(onnx_dir)
     model = finalize.model_facts(onnx_dir, hf_config)
@@ -223,6 +266,10 @@ def _build_in(
     model["kv_cache"] = target.kv_cache.value
     if graph is not None:
         model["graph"] = graph.to_dict()
+    if spec is not None:
+        model["modalities"] = ["text", "image"]
+        model["sessions"] = finalize.sessions(onnx_dir)
+        model["vision"] = finalize.vision_facts(spec)
     manifest = Manifest(
         name=config.name or source.default_name,
         version=config.version,

@@ -1,6 +1,7 @@
 """``edge-run``: run a .phi bundle on the device.
 
     edge-run model.phi -p "Hello"        answer once and exit
+    edge-run model.phi --image photo.jpg -p "What is in this picture?"   (a vision model)
     echo "Hello" | edge-run model.phi    piped stdin is the prompt
     edge-run model.phi                   interactive chat on a terminal
     edge-run list                        installed models
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -22,7 +23,8 @@ import typer
 from edgephi.runtime import console, loader, memory
 from edgephi.runtime.chat import Conversation
 from edgephi.runtime.engine import Engine
-from edgephi.runtime.errors import ConfigError
+from edgephi.runtime.errors import ConfigError, EdgeError
+from edgephi.runtime.images import Image, image_tokens, load_image
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.store import Store
 
@@ -90,6 +92,12 @@ def _load(
         console.info(
             f"(context limited to {engine.plan.max_length} tokens by the memory budget; `--plan` explains)"
         )
+    most = engine.plan.shape.max_image_tokens if engine.plan is not None else 0
+    if engine.vision and most and engine.context < most + memory.MIN_CONTEXT:
+        console.info(
+            f"(a picture takes up to {most} tokens, a square one {image_tokens(1, 1)}; "
+            f"the {engine.context}-token context may not hold one; `--plan` explains)"
+        )
     return engine
 
 
@@ -97,6 +105,10 @@ def _load(
 def run(
     bundle: ModelArg,
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Answer this and exit.")] = None,
+    image: Annotated[
+        list[Path] | None,
+        typer.Option("--image", "-i", help="A PNG or JPEG to ask a vision model about (repeatable)."),
+    ] = None,
     system: Annotated[str | None, typer.Option("--system", help="System message.")] = None,
     max_tokens: MaxTokens = 256,
     min_tokens: Annotated[int, typer.Option("--min-tokens", help="Fewest new tokens per answer.")] = 0,
@@ -143,6 +155,8 @@ def run(
     """Chat with a model, or answer one prompt."""
     if json_schema is not None and not json_schema.is_file():
         raise ConfigError(f"--json-schema {json_schema} is not a file")
+    # Read and check the pictures before the model loads: a bad file costs nothing then.
+    pictures = [load_image(p) for p in image or ()]
     options = GenerationOptions(
         max_tokens=max_tokens,
         min_tokens=min_tokens,
@@ -175,6 +189,7 @@ def run(
         print(the_plan.describe())
         return
     engine = _load(bundle, store, threads, context, memory_budget, insecure_skip_verify)
+    engine.check_images(pictures)
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read().strip()
         if not prompt:
@@ -184,17 +199,19 @@ def run(
     conversation = Conversation(engine, system=system)
     printer = _json_answer if as_json else _answer
     if prompt is not None:
-        printer(conversation, prompt, options, stats)
+        printer(conversation, prompt, options, stats, pictures)
         return
-    _chat(conversation, options, stats, printer)
+    _chat(conversation, options, stats, printer, pictures)
 
 
-Printer = Callable[[Conversation, str, GenerationOptions, bool], None]
+Printer = Callable[[Conversation, str, GenerationOptions, bool, Sequence[Image]], None]
 
 
-def _answer(conversation: Conversation, text: str, options: GenerationOptions, stats: bool) -> None:
+def _answer(
+    conversation: Conversation, text: str, options: GenerationOptions, stats: bool, images: Sequence[Image]
+) -> None:
     dropped = conversation.dropped
-    for chunk in conversation.ask(text, options):
+    for chunk in conversation.ask(text, options, images):
         sys.stdout.write(chunk)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -205,9 +222,11 @@ def _answer(conversation: Conversation, text: str, options: GenerationOptions, s
         console.info(conversation.engine.last_stats.line())
 
 
-def _json_answer(conversation: Conversation, text: str, options: GenerationOptions, stats: bool) -> None:
+def _json_answer(
+    conversation: Conversation, text: str, options: GenerationOptions, stats: bool, images: Sequence[Image]
+) -> None:
     dropped = conversation.dropped
-    answer = "".join(conversation.ask(text, options))
+    answer = "".join(conversation.ask(text, options, images))
     record: dict[str, object] = {"text": answer, "dropped_exchanges": conversation.dropped - dropped}
     if conversation.engine.last_stats:
         record["stats"] = conversation.engine.last_stats.to_dict()
@@ -215,10 +234,19 @@ def _json_answer(conversation: Conversation, text: str, options: GenerationOptio
 
 
 CHAT_HELP = "/reset clears the conversation, /system TEXT sets the system message, /exit or Ctrl-D quits"
+IMAGE_HELP = "/image PATH shows the model a picture with your next message"
 
 
-def _chat(conversation: Conversation, options: GenerationOptions, stats: bool, printer: Printer) -> None:
+def _chat(
+    conversation: Conversation,
+    options: GenerationOptions,
+    stats: bool,
+    printer: Printer,
+    pending: list[Image],
+) -> None:
     engine: Engine = conversation.engine
+    if engine.vision:
+        console.info(f"(a vision model: {IMAGE_HELP}" + (f"; {len(pending)} waiting)" if pending else ")"))
     console.info(
         f"Chatting with the model (context {engine.context} tokens). {CHAT_HELP}; Ctrl-C stops an answer."
     )
@@ -243,11 +271,24 @@ def _chat(conversation: Conversation, options: GenerationOptions, stats: bool, p
             conversation.system = text[len("/system") :].strip() or None
             console.info(f"(system message {'set' if conversation.system else 'removed'})")
             continue
+        if engine.vision and text.startswith("/image"):
+            try:
+                pending.append(load_image(Path(text[len("/image") :].strip())))
+                console.info(
+                    f"(image {pending[-1].name} will go with your next message, {pending[-1].tokens} tokens)"
+                )
+            except EdgeError as exc:
+                console.info(console.error_line(PROG, exc))
+            continue
         if text.startswith("/"):
-            console.info(CHAT_HELP)
+            console.info(CHAT_HELP + (f"; {IMAGE_HELP}" if engine.vision else ""))
             continue
         try:
-            printer(conversation, text, options, stats)
+            shown, pending[:] = list(pending), []
+            printer(conversation, text, options, stats, shown)
+        except EdgeError as exc:
+            # One turn that cannot be answered (too long, an unreadable picture) ends only that turn.
+            console.info(console.error_line(PROG, exc))
         except KeyboardInterrupt:
             # Ctrl-C stops this answer, not the chat.
             console.info("\n(interrupted)")
@@ -332,7 +373,12 @@ def serve(
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port (0 picks a free one).")] = 8080,
     max_queue: Annotated[int, typer.Option("--max-queue", help="Requests that may wait; more get 503.")] = 8,
-    max_body: Annotated[int, typer.Option("--max-body", help="Largest request body in bytes.")] = 1 << 20,
+    max_body: Annotated[
+        int | None,
+        typer.Option(
+            "--max-body", help="Largest request body in bytes (default 1 MiB, 32 MiB for a vision model)."
+        ),
+    ] = None,
     max_tokens: MaxTokens = 256,
     threads: Threads = None,
     context: Context = None,
@@ -350,7 +396,7 @@ def serve(
         host=host,
         port=port,
         max_queue=max_queue,
-        max_body=max_body,
+        max_body=max_body or (server.VISION_MAX_BODY if engine.vision else server.TEXT_MAX_BODY),
         max_tokens_default=max_tokens,
     )
     server.serve(engine, config, ready=lambda s: console.info(f"serving {name} on {s.url}/v1 (Ctrl-C stops)"))

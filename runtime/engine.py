@@ -5,23 +5,59 @@ context length applied through og's config overlay (the installed files are neve
 edited), turns chat messages into a prompt with the model's own chat template, and
 ``stream()`` yields decoded text as tokens arrive; the statistics of the last call are
 in ``last_stats``. onnxruntime-genai's telemetry is switched off before anything loads.
+
+A vision model (Phi-3.5-vision, ``edgephi.packager.vision``) also takes pictures: each is
+checked from its headers (``edgephi.runtime.images``), tagged ``<|image_k|>`` in the
+prompt, counted at its cost in context tokens, and handed with the prompt to og's
+multimodal processor — run in a forked child (``edgephi.runtime.sandbox``) — whose
+tensors feed the image encoder, the embedding model and the decoder.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgephi.runtime.errors import ConfigError, ContextOverflow, EdgeError, GenerationError
+from edgephi.runtime import sandbox
+from edgephi.runtime.errors import BadImage, ConfigError, ContextOverflow, EdgeError, GenerationError
+from edgephi.runtime.images import Image, load_image
 from edgephi.runtime.options import GenerationOptions
 
 Message = dict[str, str]
 LogitsHook = Callable[[list[int], Any], Any]
+ImageLike = Image | str | Path | bytes
+# og's Phi-3-vision processor finds image k of a prompt by this tag and replaces it with
+# the image's features; the tags must number the images given, 1..n, each once.
+IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
+
+
+def image_tag(k: int) -> str:
+    return f"<|image_{k}|>\n"
+
+
+def attach_images(messages: Sequence[Message], count: int) -> list[Message]:
+    """Messages whose text places ``count`` images: their own tags, else before the last question."""
+    out = [dict(m) for m in messages]
+    tags = [int(t) for m in out for t in IMAGE_TAG.findall(m["content"])]
+    if tags:
+        if sorted(tags) != list(range(1, count + 1)):
+            raise ConfigError(
+                f"the messages tag images {sorted(tags)} but {count} image(s) were given; "
+                "tag each image once as <|image_1|>, <|image_2|>, …, or leave the tags out"
+            )
+        return out
+    if count:
+        users = [m for m in out if m["role"] == "user"]
+        if not users:
+            raise ConfigError("images need a user message to go with")
+        users[-1]["content"] = "".join(image_tag(k) for k in range(1, count + 1)) + users[-1]["content"]
+    return out
 
 
 def default_threads() -> int:
@@ -127,10 +163,14 @@ class Engine:
         if self.context < 2:
             raise GenerationError(f"context length {self.context} is too small to generate anything")
         self.has_chat_template = chat_template
+        # A vision model (Phi-3.5-vision): og runs its image encoder and embedding sessions
+        # before the decoder, fed by the multimodal processor instead of the tokenizer.
+        self.vision = "vision" in genai.get("model", {})
         og = _og()
         try:
             self._model = open_model(self.model_dir, self.threads, self.context)
             self._tokenizer = og.Tokenizer(self._model)
+            self._processor: Any = self._model.create_multimodal_processor() if self.vision else None
         except Exception as exc:  # og raises plain RuntimeError/OSError with its own text
             raise GenerationError(f"onnxruntime-genai could not load {self.model_dir}: {exc}") from None
         self.last_stats: Stats | None = None
@@ -174,31 +214,68 @@ class Engine:
         messages: Sequence[Message],
         options: GenerationOptions | None = None,
         *,
+        images: Sequence[ImageLike] = (),
         logits_hook: LogitsHook | None = None,
     ) -> Iterator[str]:
         """Yield the answer to ``messages`` chunk by chunk; stats land in ``last_stats``.
+
+        ``images`` (paths, bytes or checked ``Image``s) go with a vision model's prompt:
+        where the messages tag them (``<|image_1|>``, …), else before the last user turn.
 
         ``logits_hook(token_ids, logits) -> logits`` sees the ids generated so far and the
         next-token logits (a float32 array of the vocabulary size) before each token is
         chosen, and returns the logits to choose from: custom scoring from Python.
         """
-        return self.stream_prompt(self.format_prompt(messages), options, logits_hook=logits_hook)
+        checked = self.check_images(images)
+        prompt = self.format_prompt(attach_images(messages, len(checked)) if checked else messages)
+        return self.stream_prompt(prompt, options, images=checked, logits_hook=logits_hook)
+
+    def check_images(self, images: Sequence[ImageLike]) -> list[Image]:
+        """Read and check images for this model; refuse them if it cannot see."""
+        if images and not self.vision:
+            raise ConfigError(f"{self.model_name} is a text model; it cannot look at images")
+        return [i if isinstance(i, Image) else load_image(i) for i in images]
+
+    def count_prompt_tokens(self, prompt: str, images: Sequence[Image] = ()) -> int:
+        """Tokens ``prompt`` takes in the context, each image tag counted as its image's features."""
+        if not images:
+            return self.count_tokens(prompt)
+        # og's processor encodes the text between tags piece by piece, as done here.
+        pieces = IMAGE_TAG.sub("\0", prompt).split("\0")
+        return sum(self.count_tokens(p) for p in pieces) + sum(i.tokens for i in images)
 
     def stream_prompt(
         self,
         prompt: str,
         options: GenerationOptions | None = None,
         *,
+        images: Sequence[Image] = (),
         logits_hook: LogitsHook | None = None,
     ) -> Iterator[str]:
-        """Like ``stream`` for a prompt that is already formatted."""
+        """Like ``stream`` for a prompt that is already formatted (and tags its ``images``)."""
         options = options or GenerationOptions()
         if logits_hook is not None and options.beam_search:
             raise ConfigError("a logits hook steers one sequence; use it with num_beams 1")
         og = _og()
         start = time.perf_counter()
-        tokens = self._tokenizer.encode(prompt)
-        n_prompt = len(tokens)
+        tags = sorted(int(t) for t in IMAGE_TAG.findall(prompt)) if self.vision else []
+        if tags != list(range(1, len(images) + 1)):
+            raise ConfigError(f"the prompt tags images {tags} but {len(images)} image(s) were given")
+        if images:
+            # Refuse from the headers, before og decodes anything.
+            need = self.count_prompt_tokens(prompt, images)
+            if need >= self.context:
+                costs = ", ".join(f"{i.width}x{i.height}: {i.tokens}" for i in images)
+                raise ContextOverflow(
+                    f"the prompt is {need} tokens with its image(s) ({costs} tokens) "
+                    f"but the context holds {self.context}",
+                    # Resolution does not matter: og scales every picture to up to 16 crops.
+                    hint="send fewer pictures, or raise --context if memory allows",
+                )
+            tokens = self._process(prompt, images)
+        else:
+            tokens = self._tokenizer.encode(prompt)
+        n_prompt = len(tokens) if not images else int(tokens["input_ids"].as_numpy().shape[-1])
         if n_prompt >= self.context:
             raise ContextOverflow(f"the prompt is {n_prompt} tokens but the context holds {self.context}")
         # og preallocates the KV cache for max_length, so ask only for what this answer can use.
@@ -219,7 +296,34 @@ class Engine:
         if options.adapter is not None:
             self._activate(generator, options.adapter)
         run = _Run(n_prompt, max_length, options, logits_hook, start)
+        run.images = len(images)
         return self._loop(generator, tokens, run)
+
+    def _process(self, prompt: str, images: Sequence[Image]) -> Any:
+        """og's processor on ``prompt`` and its pictures: token ids, pixels, image sizes.
+
+        Decoding runs in a forked child where the OS has ``fork`` (``edgephi.runtime.sandbox``):
+        og's JPEG decoder exits the whole process on some corrupt files.
+        """
+        og = _og()
+        names = ", ".join(i.name for i in images)
+
+        def work() -> dict[str, Any]:
+            inputs = self._processor(prompt, images=og.Images.open_bytes(*(i.data for i in images)))
+            return {k: inputs[k].as_numpy() for k in inputs.keys()}  # noqa: SIM118 - not a mapping
+
+        try:
+            if not sandbox.available():
+                return self._processor(prompt, images=og.Images.open_bytes(*(i.data for i in images)))
+            arrays = sandbox.run_forked(work)
+        except sandbox.ChildDied as exc:
+            raise BadImage(f"{names} could not be decoded ({exc}): the file is corrupt") from None
+        except Exception as exc:  # og's own error, raised in the child or here
+            raise BadImage(f"onnxruntime-genai could not read {names}: {exc}") from None
+        named = og.NamedTensors()
+        for key, value in arrays.items():
+            named[key] = value
+        return named
 
     def _activate(self, generator: Any, name: str) -> None:
         if name not in self.adapter_names:
@@ -237,7 +341,10 @@ class Engine:
     def _loop(self, generator: Any, tokens: Any, run: _Run) -> Iterator[str]:
         stops = StopMatcher(run.options.stop)
         try:
-            generator.append_tokens(tokens)
+            if run.images:  # the multimodal processor's named tensors: ids, pixels, image sizes
+                generator.set_inputs(tokens)
+            else:
+                generator.append_tokens(tokens)
             if run.options.beam_search:
                 yield from self._beams(generator, tokens, run, stops)
             else:
@@ -275,7 +382,7 @@ class Engine:
             run.steps += 1
             if run.steps == 1:
                 run.first_at = time.perf_counter()
-        best = list(generator.get_sequence(0))[len(tokens) :]
+        best = list(generator.get_sequence(0))[run.n_prompt :]
         run.generated = len(best)
         run.ids = best
         emit, stopped = stops.feed(self._tokenizer.decode(best))
@@ -290,10 +397,11 @@ class Engine:
         messages: Sequence[Message],
         options: GenerationOptions | None = None,
         *,
+        images: Sequence[ImageLike] = (),
         logits_hook: LogitsHook | None = None,
     ) -> Completion:
         """The whole answer and its statistics."""
-        text = "".join(self.stream(messages, options, logits_hook=logits_hook))
+        text = "".join(self.stream(messages, options, images=images, logits_hook=logits_hook))
         assert self.last_stats is not None
         return Completion(text, self.last_stats)
 
@@ -352,6 +460,7 @@ class _Run:
             start,
         )
         self.generated = 0
+        self.images = 0
         self.steps = 0
         self.ids: list[int] = []
         self.first_at = 0.0

@@ -185,3 +185,9 @@ class InsufficientMemory(GenerationError, MemoryError):
 
 class ContextOverflow(GenerationError, ValueError):
     hint = "shorten the prompt or lower --max-tokens"
+
+
+class BadImage(EdgeError, ValueError):
+    """An image given with a prompt is not one the model can safely look at."""
+
+    hint = "give a complete PNG or JPEG photo of at most 64 megapixels"

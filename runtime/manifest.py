@@ -16,11 +16,12 @@ Keys, in ``manifest.json``:
 ``created_at``            UTC time of the build, ISO 8601
 ``created_by``            tool name → version (edgephi, onnxruntime-genai, transformers, …)
 ``source``                where the weights came from: ``kind`` (hf-folder/hf-id/gguf), ``ref``
-``model``                 ``architecture``, ``model_type``, ``context_length``, ``vocab_size``
+``model``                 ``architecture``, ``model_type``, ``context_length``, ``vocab_size``; a
+                          vision model adds ``modalities``, ``sessions`` and ``vision``
 ``precision``             int4 / int8 / fp16 / fp32
 ``target``                the device profile the bundle was built for (``name``, ``execution_provider``, …)
-``memory``                ``weights_bytes``, ``kv_bytes_per_token`` (fp32 KV cache, CPU) and
-                          ``kv_bytes_per_token_fp16``
+``memory``                ``weights_bytes``, ``kv_bytes_per_token`` (fp32 KV cache, CPU),
+                          ``kv_bytes_per_token_fp16`` (and ``vision_scratch_bytes``)
 ``requires``              ``runtime``: the oldest edgephi runtime version that can run it
 ``chat_template``         true when the bundle carries a chat template
 ``signed_by``             key ids (16 hex digits) whose signatures ``manifest.sig`` carries

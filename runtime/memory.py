@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from edgephi.runtime.errors import ConfigError, InsufficientMemory
+from edgephi.runtime.images import image_tokens, max_image_tokens
 from edgephi.runtime.manifest import Manifest
 
 MIB = 1 << 20
@@ -158,6 +159,10 @@ class ModelShape:
     context_length: int
     default_context: int
     lm_head_pruned: bool = False
+    # A vision model: the encoder's working memory for one image, and the most prompt
+    # tokens one image can take (edgephi.runtime.images); zero for a text model.
+    vision_scratch_bytes: int = 0
+    max_image_tokens: int = 0
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> ModelShape:
@@ -173,8 +178,10 @@ class ModelShape:
                 context_length=int(model["context_length"]),
                 default_context=int(model.get("default_context") or model["context_length"]),
                 lm_head_pruned=bool(model.get("lm_head_pruned", False)),
+                vision_scratch_bytes=int(memory.get("vision_scratch_bytes", 0)),
+                max_image_tokens=int((model.get("vision") or {}).get("max_image_tokens", 0)),
             )
-        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError) as exc:
             raise ConfigError(f"the manifest of {manifest.name} lacks the memory figures ({exc})") from None
 
     @classmethod
@@ -196,10 +203,12 @@ class ModelShape:
             vocab_size=int(model["vocab_size"]),
             context_length=context,
             default_context=int(genai.get("search", {}).get("max_length") or context),
+            max_image_tokens=max_image_tokens() if "vision" in model else 0,
         )
 
     def fixed_bytes(self) -> int:
-        return RUNTIME_OVERHEAD + int(self.weights_bytes * WEIGHT_LOAD_FACTOR)
+        # Images are encoded after the KV cache is allocated, so the encoder's scratch adds to it.
+        return RUNTIME_OVERHEAD + int(self.weights_bytes * WEIGHT_LOAD_FACTOR) + self.vision_scratch_bytes
 
     def prefill_bytes(self, tokens: int) -> int:
         # onnxruntime's CPU attention does not keep every head's L x L scores at once (measured:
@@ -249,7 +258,25 @@ class MemoryPlan:
             ),
             ("total", f"{format_size(self.need)} at most"),
         ]
+        if s.max_image_tokens:
+            rows.insert(-1, ("images", self.images_line()))
         return "\n".join(f"{k:<10}{v}" for k, v in rows)
+
+    def images_line(self) -> str:
+        square, photo = image_tokens(1024, 1024), image_tokens(4032, 3024)
+        room = self.max_length - self.shape.max_image_tokens
+        fits = (
+            f"one image of any shape fits, leaving {room} tokens"
+            if room >= MIN_CONTEXT
+            else f"a {square}-token square image leaves {self.max_length - square} tokens"
+            if self.max_length - square >= MIN_CONTEXT
+            else "too small for a square image: raise --context or the memory budget"
+        )
+        scratch = format_size(self.shape.vision_scratch_bytes)
+        return (
+            f"{square} tokens for a square image, {photo} for a 4:3 photo, "
+            f"{self.shape.max_image_tokens} at most; {fits}; encoder scratch {scratch}"
+        )
 
 
 def plan(

@@ -1,6 +1,8 @@
 """``edge-run serve``: an OpenAI-compatible HTTP API for one loaded model.
 
-Endpoints: ``POST /v1/chat/completions`` (streamed as server-sent events or not),
+Endpoints: ``POST /v1/chat/completions`` (streamed as server-sent events or not; a vision
+model also takes OpenAI ``image_url`` content parts holding ``data:`` URLs — the server
+never fetches a URL from the network),
 ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``. Built on the standard
 library's threading HTTP server, so a device needs nothing more than the runtime.
 
@@ -14,7 +16,10 @@ library's threading HTTP server, so a device needs nothing more than the runtime
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import re
 import signal
 import threading
 import time
@@ -24,9 +29,14 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from edgephi.runtime.engine import Engine, Message, Stats
-from edgephi.runtime.errors import ConfigError, ContextOverflow, EdgeError
+from edgephi.runtime.engine import IMAGE_TAG, Engine, Message, Stats, image_tag
+from edgephi.runtime.errors import BadImage, ConfigError, ContextOverflow, EdgeError
+from edgephi.runtime.images import Image, load_image
 from edgephi.runtime.options import GenerationOptions
+
+TEXT_MAX_BODY = 1 << 20
+VISION_MAX_BODY = 32 << 20  # a phone photo as base64 in a data: URL
+_DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[^;,]*)*),(?P<data>.*)$", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -34,7 +44,7 @@ class ServerConfig:
     model_name: str
     host: str = "127.0.0.1"
     port: int = 8080
-    max_body: int = 1 << 20
+    max_body: int = TEXT_MAX_BODY
     max_queue: int = 8
     max_tokens_default: int = 256
 
@@ -117,25 +127,73 @@ def options_from(body: dict[str, Any], default_max_tokens: int) -> GenerationOpt
         raise ApiError(400, str(exc), code="invalid_value") from None
 
 
-def messages_from(body: dict[str, Any]) -> list[Message]:
+def image_from_url(url: Any, number: int) -> Image:
+    """An ``image_url`` part's picture: a base64 ``data:`` URL, checked like a file."""
+    if not isinstance(url, str):
+        raise ApiError(400, "an image_url part needs a url string", code="invalid_value")
+    m = _DATA_URL.match(url)
+    if m is None:
+        raise ApiError(
+            400,
+            "image_url must be a data: URL (data:image/png;base64,…); this server does not fetch URLs",
+            code="invalid_value",
+        )
+    if ";base64" not in m["params"]:
+        raise ApiError(400, "image data: URLs must be base64-encoded", code="invalid_value")
+    try:
+        data = base64.b64decode(m["data"], validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"image {number}'s data: URL is not valid base64", code="invalid_image") from None
+    try:
+        return load_image(data, name=f"image {number}")
+    except BadImage as exc:
+        raise ApiError(400, str(exc), code="invalid_image") from None
+
+
+def messages_from(body: dict[str, Any], vision: bool = False) -> tuple[list[Message], list[Image]]:
+    """The chat messages, with each ``image_url`` part's picture tagged where it was sent."""
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise ApiError(400, "'messages' must be a non-empty list", code="invalid_value")
     out: list[Message] = []
+    images: list[Image] = []
     for m in raw:
         if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
             raise ApiError(
                 400, "each message needs a role of system, user or assistant", code="invalid_value"
             )
         content = m.get("content")
-        if isinstance(content, list):
-            if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
-                raise ApiError(400, "only text content parts are supported", code="invalid_value")
-            content = "".join(str(p.get("text", "")) for p in content)
-        if not isinstance(content, str):
-            raise ApiError(400, "message content must be a string", code="invalid_value")
-        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
-    return out
+        parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
+        texts: list[str] = []
+        for part in parts:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                text = part.get("text", "")
+                if not isinstance(text, str):
+                    raise ApiError(400, "message content must be a string", code="invalid_value")
+                if vision and IMAGE_TAG.search(text):
+                    # Tags are ours to place; a client's would point at the wrong pictures.
+                    raise ApiError(
+                        400,
+                        "text may not contain <|image_N|> tags; send pictures as image_url parts",
+                        code="invalid_value",
+                    )
+                texts.append(text)
+            elif kind == "image_url":
+                if not vision:
+                    raise ApiError(
+                        400, "this model is a text model; it cannot look at images", code="invalid_value"
+                    )
+                url = part.get("image_url")
+                images.append(
+                    image_from_url(url.get("url") if isinstance(url, dict) else url, len(images) + 1)
+                )
+                texts.append(image_tag(len(images)))
+            else:
+                allowed = "text and image_url" if vision else "text"
+                raise ApiError(400, f"only {allowed} content parts are supported", code="invalid_value")
+        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": "".join(texts)})
+    return out, images
 
 
 class ModelServer:
@@ -186,16 +244,18 @@ class ModelServer:
             self._admitted -= 1
 
     def generate(
-        self, prompt: str, options: GenerationOptions, done: list[Stats]
+        self, prompt: str, options: GenerationOptions, done: list[Stats], images: list[Image]
     ) -> Generator[str, None, None]:
         """Stream under the gate; the caller holds an admission. ``done`` receives the stats."""
         with self._gate:
             try:
-                yield from self.engine.stream_prompt(prompt, options)
+                yield from self.engine.stream_prompt(prompt, options, images=images)
                 if self.engine.last_stats is not None:
                     done.append(self.engine.last_stats)
             except ContextOverflow as exc:
                 raise ApiError(400, str(exc), code="context_length_exceeded") from None
+            except BadImage as exc:
+                raise ApiError(400, str(exc), code="invalid_image") from None
             except ConfigError as exc:
                 raise ApiError(400, str(exc), code="invalid_value") from None
 
@@ -273,6 +333,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "model": name,
                 "context": engine.context,
                 "adapters": engine.adapter_names,
+                "inputs": ["text", "image"] if engine.vision else ["text"],
             }
             self._send_json(200, health)
         elif self.path == "/v1/models":
@@ -288,8 +349,10 @@ class _Handler(BaseHTTPRequestHandler):
             body = self._read_json()
             chat = self.path == "/v1/chat/completions"
             options = options_from(body, self.owner.config.max_tokens_default)
+            images: list[Image] = []
             if chat:
-                prompt = self.owner.engine.format_prompt(messages_from(body))
+                messages, images = messages_from(body, self.owner.engine.vision)
+                prompt = self.owner.engine.format_prompt(messages)
             else:
                 raw_prompt = body.get("prompt")
                 if not isinstance(raw_prompt, str) or not raw_prompt:
@@ -304,9 +367,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             if body.get("stream"):
-                self._stream(prompt, options, chat)
+                self._stream(prompt, options, chat, images)
             else:
-                self._complete(prompt, options, chat)
+                self._complete(prompt, options, chat, images)
         except ApiError as exc:
             self._fail(exc)
         except (BrokenPipeError, ConnectionResetError):
@@ -333,9 +396,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _finish(done: list[Stats]) -> str:
         return "length" if done and done[0].finish_reason in ("length", "context") else "stop"
 
-    def _complete(self, prompt: str, options: GenerationOptions, chat: bool) -> None:
+    def _complete(self, prompt: str, options: GenerationOptions, chat: bool, images: list[Image]) -> None:
         done: list[Stats] = []
-        text = "".join(self.owner.generate(prompt, options, done))
+        text = "".join(self.owner.generate(prompt, options, done, images))
         out = self._envelope(chat, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}")
         choice: dict[str, Any] = {"index": 0, "finish_reason": self._finish(done), "logprobs": None}
         if chat:
@@ -345,10 +408,10 @@ class _Handler(BaseHTTPRequestHandler):
         out.update(choices=[choice], usage=self._usage(done))
         self._send_json(200, out)
 
-    def _stream(self, prompt: str, options: GenerationOptions, chat: bool) -> None:
+    def _stream(self, prompt: str, options: GenerationOptions, chat: bool, images: list[Image]) -> None:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         done: list[Stats] = []
-        chunks = self.owner.generate(prompt, options, done)
+        chunks = self.owner.generate(prompt, options, done, images)
         # Start generating before the headers, so a bad request still gets a proper status.
         first = next(chunks, None)
         self.send_response(200)

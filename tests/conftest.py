@@ -69,6 +69,18 @@ def phi3_bundle(phi3_dir: Path, bundles_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def vision_dir() -> Path:
+    return tiny.tiny_vision_model()
+
+
+@pytest.fixture(scope="session")
+def vision_bundle(vision_dir: Path, bundles_dir: Path) -> Path:
+    return build_bundle(
+        vision_dir, bundles_dir / "phi35-vision-tiny.phi", name="phi35-vision-tiny", version="1.0.0"
+    )
+
+
+@pytest.fixture(scope="session")
 def smollm2_bundle(bundles_dir: Path) -> Path:
     return build_bundle(assets.smollm2_gguf(), bundles_dir / "smollm2.phi")
 

@@ -254,7 +254,7 @@ def test_a_long_chat_crosses_the_context_edge_and_keeps_answering(phi3_bundle: P
         assert engine.last_stats is not None and engine.last_stats.generated_tokens >= 1, answer
         assert engine.last_stats.prompt_tokens + 12 <= 160
     assert chat.dropped >= 3  # crossed the bound several times
-    prompt = engine.format_prompt(chat._all())
+    prompt = engine.format_prompt(chat._all()[0])
     assert "You are a helpful sailor." in prompt and "Question 13" in prompt
 
 

@@ -171,6 +171,14 @@ def _key(name: str) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
+def _partial(out: Path) -> Path:
+    """An empty folder beside ``out`` to build in, renamed to ``out`` when complete."""
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
 def tiny_model(name: str) -> Path:
     """A cached Hugging Face folder holding the tiny ``name`` model and its real tokenizer."""
     import torch
@@ -180,9 +188,7 @@ def tiny_model(name: str) -> Path:
     out = assets.cache_dir() / "tiny" / f"{name}-{_key(name)}"
     if (out / "config.json").is_file():
         return out
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = _partial(out)
     (tmp / "config.json").write_text(json.dumps(spec["config"], indent=2))
     config = AutoConfig.from_pretrained(tmp)
     torch.manual_seed(0)
@@ -202,6 +208,94 @@ def tiny_model(name: str) -> Path:
     tokenizer.save_pretrained(tmp)
     if "generation_config" in spec:
         GenerationConfig(**spec["generation_config"]).save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+# Phi-3.5-vision-instruct's config.json, scaled down. Its image tower is not described in
+# the config (the published modeling code hard-codes CLIP ViT-L/14-336); the tiny one keeps
+# the 336-pixel input, the 14-pixel patches and 64-wide attention heads, and is narrow and
+# three layers deep (features come from the second-to-last layer, as in the original).
+VISION_SPEC: dict[str, Any] = {
+    "config": {
+        **SPECS["phi3.5-mini"]["config"],
+        "architectures": ["Phi3VForCausalLM"],
+        "model_type": "phi3_v",
+        "embd_layer": {
+            "embedding_cls": "image",
+            "hd_transform_order": "sub_glb",
+            "projection_cls": "mlp",
+            "use_hd_transform": True,
+            "with_learnable_separator": True,
+        },
+        "img_processor": {
+            "image_dim_out": 64,
+            "model_name": "openai/clip-vit-large-patch14-336",
+            "name": "clip_vision_model",
+            "num_img_tokens": 144,
+        },
+    },
+    "clip": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 1,
+        "image_size": 336,
+        "patch_size": 14,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-05,
+    },
+}
+_VISION_PREFIX = "model.vision_embed_tokens."
+
+
+def tiny_vision_model() -> Path:
+    """A cached Phi-3.5-vision-shaped checkpoint: its real weight names, random values.
+
+    The text decoder is the tiny Phi-3.5-mini (``model.*``, ``lm_head``); the image side is
+    a CLIP vision tower under ``model.vision_embed_tokens.img_processor``, the learnt
+    separators ``sub_GN``/``glb_GN`` and the 2-layer projector ``img_projection.{0,2}``.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
+
+    key = hashlib.sha256(
+        json.dumps(VISION_SPEC, sort_keys=True).encode() + b"v3" + _key("phi3.5-mini").encode()
+    )
+    out = assets.cache_dir() / "tiny" / f"phi3.5-vision-{key.hexdigest()[:12]}"
+    if (out / "config.json").is_file():
+        return out
+    tmp = _partial(out)
+    text = tiny_model("phi3.5-mini")
+    torch.manual_seed(1)
+    weights = dict(AutoModelForCausalLM.from_pretrained(text, dtype=torch.float32).state_dict())
+    clip = CLIPVisionModel(CLIPVisionConfig(**VISION_SPEC["clip"]))
+    with torch.no_grad():
+        for p in clip.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.1)
+    for name, value in clip.state_dict().items():
+        # The published checkpoint nests the tower as ``img_processor.vision_model.*``;
+        # newer transformers drop that level from CLIPVisionModel's own state dict.
+        name = name.removeprefix("vision_model.")
+        weights[f"{_VISION_PREFIX}img_processor.vision_model.{name}"] = value
+    width = 4 * VISION_SPEC["clip"]["hidden_size"]
+    hidden = VISION_SPEC["config"]["hidden_size"]
+    # Widen like the text weights: the image must visibly steer the tiny model's answer.
+    weights[f"{_VISION_PREFIX}sub_GN"] = torch.randn(1, 1, 1, width)
+    weights[f"{_VISION_PREFIX}glb_GN"] = torch.randn(1, 1, width)
+    weights[f"{_VISION_PREFIX}img_projection.0.weight"] = torch.randn(hidden, width) * 0.2
+    weights[f"{_VISION_PREFIX}img_projection.0.bias"] = torch.randn(hidden) * 0.2
+    weights[f"{_VISION_PREFIX}img_projection.2.weight"] = torch.randn(hidden, hidden) * 0.2
+    weights[f"{_VISION_PREFIX}img_projection.2.bias"] = torch.randn(hidden) * 0.2
+    save_file(
+        {k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"), {"format": "pt"}
+    )
+    (tmp / "config.json").write_text(json.dumps(VISION_SPEC["config"], indent=2))
+    for path in text.iterdir():  # tokenizer, chat template, generation config
+        if path.name not in ("config.json", "model.safetensors"):
+            shutil.copy(path, tmp / path.name)
     os.replace(tmp, out)
     return out
 
