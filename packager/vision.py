@@ -139,8 +139,8 @@ def stage_text_folder(source: Path, config: dict[str, Any], out: Path) -> Path:
 # --- reading the checkpoint -----------------------------------------------------------------
 
 
-def _read_weights(folder: Path, wanted: str) -> dict[str, Any]:
-    """Tensors whose names start with ``wanted`` (or equal it), as FP32 numpy arrays."""
+def _read_weights(folder: Path, *wanted: str) -> dict[str, Any]:
+    """Tensors whose names start with one of ``wanted``, as FP32 numpy arrays."""
     from safetensors import safe_open
 
     files = sorted(folder.glob("*.safetensors"))
@@ -150,7 +150,7 @@ def _read_weights(folder: Path, wanted: str) -> dict[str, Any]:
     for path in files:
         with safe_open(str(path), framework="pt") as fh:
             for name in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
-                if name.startswith(wanted) or name == wanted:
+                if name.startswith(wanted):
                     out[name] = fh.get_tensor(name).float().numpy()
     return out
 
@@ -450,7 +450,8 @@ def _save(model: Any, path: Path) -> None:
 
 def export(source: Path, config: dict[str, Any], model_dir: Path) -> VisionSpec:
     """Write vision.onnx, embedding.onnx and processor_config.json beside the built decoder."""
-    weights = _read_weights(source, PREFIX)
+    # Not the whole prefix: the original code also stores the token table there (``wte``).
+    weights = _read_weights(source, TOWER, PREFIX + "sub_GN", PREFIX + "glb_GN", PREFIX + "img_projection.")
     spec = spec_from(config, weights)
     table = _read_weights(source, "model.embed_tokens.weight").get("model.embed_tokens.weight")
     if table is None:
