@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgephi.packager.vision import VisionSpec
+from edgephi.runtime import images
 from edgephi.runtime.bundle import MANIFEST_MEMBER
 from edgephi.runtime.errors import BuildError
 from edgephi.runtime.manifest import FileEntry, check_member_path
@@ -80,8 +81,6 @@ def memory_facts(files: list[FileEntry], model: dict[str, Any]) -> dict[str, int
 
 def vision_facts(spec: VisionSpec) -> dict[str, Any]:
     """The manifest's ``model.vision``: what an image costs and the encoder that sees it."""
-    from edgephi.runtime import images
-
     return {
         "formats": ["png", "jpeg"],
         "processor": "processor_config.json",

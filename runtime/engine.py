@@ -308,13 +308,16 @@ class Engine:
         og = _og()
         names = ", ".join(i.name for i in images)
 
+        def process() -> Any:
+            return self._processor(prompt, images=og.Images.open_bytes(*(i.data for i in images)))
+
         def work() -> dict[str, Any]:
-            inputs = self._processor(prompt, images=og.Images.open_bytes(*(i.data for i in images)))
+            inputs = process()
             return {k: inputs[k].as_numpy() for k in inputs.keys()}  # noqa: SIM118 - not a mapping
 
         try:
             if not sandbox.available():
-                return self._processor(prompt, images=og.Images.open_bytes(*(i.data for i in images)))
+                return process()
             arrays = sandbox.run_forked(work)
         except sandbox.ChildDied as exc:
             raise BadImage(f"{names} could not be decoded ({exc}): the file is corrupt") from None

@@ -71,13 +71,17 @@ def hd_grid(width: int, height: int, max_crops: int = MAX_CROPS) -> tuple[int, i
 
 def image_tokens(width: int, height: int) -> int:
     """Prompt tokens a ``width`` × ``height`` image takes in a Phi-3(.5)-vision model."""
-    rows, cols = hd_grid(width, height)
-    return (rows * cols + 1) * TOKENS_PER_CROP + 1 + (rows + 1) * ROW_TOKENS
+    return _grid_tokens(*hd_grid(width, height))
 
 
 def max_image_tokens() -> int:
     """The most one image can cost: 16 crops in one column (16 separators in the sub-image)."""
-    return (MAX_CROPS + 1) * TOKENS_PER_CROP + 1 + (MAX_CROPS + 1) * ROW_TOKENS
+    return _grid_tokens(MAX_CROPS, 1)
+
+
+def _grid_tokens(rows: int, cols: int) -> int:
+    # 144 per crop and per global view, a separator closing each row of both, one between them.
+    return (rows * cols + 1) * TOKENS_PER_CROP + 1 + (rows + 1) * ROW_TOKENS
 
 
 def load_image(source: str | Path | bytes, name: str | None = None) -> Image:
@@ -183,9 +187,14 @@ def png(width: int, height: int, rgb: bytes) -> bytes:
     if len(rgb) != width * height * 3:
         raise ValueError(f"{len(rgb)} bytes are not {width}x{height} RGB pixels")
     rows = b"".join(b"\x00" + rgb[y * width * 3 : (y + 1) * width * 3] for y in range(height))
+    return png_from_idat(width, height, zlib.compress(rows))
+
+
+def png_from_idat(width: int, height: int, idat: bytes) -> bytes:
+    """An 8-bit RGB PNG around already compressed image data."""
 
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return _PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    return _PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")

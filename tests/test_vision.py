@@ -316,17 +316,12 @@ def test_chat_on_a_terminal_takes_pictures(vision_bundle: Path, tmp_path: Path) 
 # --- hostile pictures ----------------------------------------------------------------------------
 
 
-def _chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
 def _bomb() -> bytes:
     """A real PNG of 12,000 x 12,000 black pixels (144 megapixels, 432 MB raw) in ~0.4 MB."""
     z = zlib.compressobj(9)
     row = b"\x00" * (1 + 12_000 * 3)
     data = b"".join(z.compress(row) for _ in range(12_000)) + z.flush()
-    header = struct.pack(">IIBBBBB", 12_000, 12_000, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
+    return images.png_from_idat(12_000, 12_000, data)
 
 
 def hostile() -> dict[str, bytes]:
