@@ -87,6 +87,13 @@ def build(
             "--format", help="Decoder file format: onnx, or ort for mobile (default: the target's)."
         ),
     ] = None,
+    vision_precision: Annotated[
+        Precision | None,
+        typer.Option(
+            "--vision-precision",
+            help="A vision model's image encoder and embedding table: fp32 or int8 (default: the target's).",
+        ),
+    ] = None,
     measure: Annotated[
         bool, typer.Option("--eval", help="Measure and store the quality card (builds an FP32 reference).")
     ] = False,
@@ -111,6 +118,7 @@ def build(
         adapters=tuple(adapters.parse(adapter or []).items()),
         quant=quant,
         model_format=model_format,
+        vision_precision=vision_precision,
         evaluate=measure,
         max_ppl_increase=_fraction(max_ppl_increase) if max_ppl_increase is not None else None,
         keep_workdir=keep_workdir,
@@ -133,7 +141,8 @@ def _inputs_line(model: dict[str, Any]) -> str:
     sessions = model.get("sessions") or {}
     files = ", ".join(f"{role} {s.get('file', '?')}" for role, s in sessions.items() if isinstance(s, dict))
     formats, most = "/".join(vision.get("formats", [])), vision.get("max_image_tokens", "?")
-    return f"text and images ({formats}, up to {most} tokens each); sessions: {files}"
+    precision = (vision.get("encoder") or {}).get("precision", "?")
+    return f"text and images ({formats}, up to {most} tokens each, {precision} encoder); sessions: {files}"
 
 
 def _quality_line(q: dict[str, object]) -> str:

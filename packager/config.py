@@ -9,6 +9,7 @@ from edgephi.runtime.bundle import SUFFIX
 from edgephi.runtime.errors import ConfigError
 from edgephi.runtime.manifest import is_valid_name, is_valid_version
 from edgephi.targets import ExecutionProvider, ModelFormat, Precision, Target
+from edgephi.targets.profile import VISION_PRECISIONS
 
 # Named weight-quantisation recipes: (block size, algorithm: the builder's, or edgephi's hqq).
 QUANT_RECIPES: dict[str, tuple[int, str]] = {
@@ -45,6 +46,7 @@ class BuildConfig:
     evaluate: bool = False  # measure the quality card against an FP32 build of the same source
     max_ppl_increase: float | None = None  # fail the build above this relative perplexity increase
     model_format: ModelFormat | None = None  # default: the target's
+    vision_precision: Precision | None = None  # a vision model's image side; default: the target's
     keep_workdir: bool = False
 
     def __post_init__(self) -> None:
@@ -93,6 +95,11 @@ class BuildConfig:
             raise ConfigError(
                 f"max_ppl_increase {self.max_ppl_increase} must be a fraction such as 0.05 (5%)"
             )
+        if self.vision_precision is not None and self.vision_precision not in VISION_PRECISIONS:
+            raise ConfigError(
+                f"--vision-precision {self.vision_precision.value} is not one of "
+                f"{', '.join(p.value for p in VISION_PRECISIONS)}"
+            )
         if self.context is not None and self.context < 64:
             raise ConfigError(f"context {self.context} is below the useful minimum of 64 tokens")
         if (
@@ -129,6 +136,10 @@ class BuildConfig:
         return self.model_format or self.target.model_format
 
     @property
+    def effective_vision_precision(self) -> Precision:
+        return self.vision_precision or self.target.vision_precision
+
+    @property
     def effective_context(self) -> int:
         return self.context or self.target.context
 
@@ -141,6 +152,7 @@ class BuildConfig:
             ("version", self.version),
             ("target", f"{self.target.name} ({self.target.execution_provider.value})"),
             ("precision", self.effective_precision.value),
+            ("image side", f"{self.effective_vision_precision.value} (vision models)"),
             (
                 "quantisation",
                 f"{self.quant or 'target default'}: block {self.recipe[0]}, {self.recipe[1]}, "

@@ -19,6 +19,7 @@ from edgephi.runtime import images
 from edgephi.runtime.bundle import MANIFEST_MEMBER
 from edgephi.runtime.errors import BuildError
 from edgephi.runtime.manifest import FileEntry, check_member_path
+from edgephi.targets import Precision
 
 _KV_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
 # A vision bundle's default context: one picture at its most expensive (2653 tokens), a
@@ -79,7 +80,7 @@ def memory_facts(files: list[FileEntry], model: dict[str, Any]) -> dict[str, int
     return out
 
 
-def vision_facts(spec: VisionSpec) -> dict[str, Any]:
+def vision_facts(spec: VisionSpec, precision: Precision) -> dict[str, Any]:
     """The manifest's ``model.vision``: what an image costs and the encoder that sees it."""
     return {
         "formats": ["png", "jpeg"],
@@ -97,7 +98,7 @@ def vision_facts(spec: VisionSpec) -> dict[str, Any]:
             "patch": spec.patch,
             "image_size": spec.image_size,
             "order": spec.order,
-            "precision": "fp32",
+            "precision": precision.value,
         },
     }
 
@@ -108,12 +109,16 @@ def vision_scratch(encoder: dict[str, Any]) -> int:
     Per layer onnxruntime holds every head's attention scores ([crops, heads, T, T]) twice
     — the MatMul's output and the Softmax's — and the MLP's hidden activations; add the
     pixel tensor og's processor makes. For Phi-3.5-vision's ViT-L (16 heads, 4096-wide
-    MLP, 1024 wide): 1.22 GiB; ``scripts/vision_scale.py`` measured 1.10 GiB.
+    MLP, 1024 wide): 1.22 GiB; ``scripts/vision_scale.py`` measured 1.10 GiB. An INT8
+    encoder's MatMulNBits quantise their input into int8 blocks in a workspace of their
+    own: that run added 0.14 GiB more, budgeted as one more MLP activation (0.15 GiB).
     """
     crops = MAX_CROPS_WITH_GLOBAL
     tokens = (encoder["image_size"] // encoder["patch"]) ** 2 + 1
     scores = 2 * encoder["heads"] * tokens * tokens
     activations = 2 * tokens * encoder["mlp"] + 6 * tokens * encoder["width"]
+    if encoder.get("precision") == Precision.INT8.value:
+        activations += tokens * encoder["mlp"]
     pixels = 3 * encoder["image_size"] ** 2
     return int(crops * (scores + activations + pixels) * 4)
 

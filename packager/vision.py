@@ -28,7 +28,10 @@ is read from the checkpoint's weights; attention heads are 64 wide, as in ViT-L/
 
 The embedding model looks text tokens up in the decoder's embedding table and puts the
 image features, in order, where og's processor wrote negative ids (``-k`` for image
-``k``). Both models are FP32: they run once per image or prompt, not per generated token.
+``k``). Both models are FP32 unless the build asks for INT8 (``--vision-precision``):
+then every Linear of the tower and the projector is an 8-bit ``MatMulNBits`` and the
+token table a ``GatherBlockQuantized`` over 8-bit blocks — symmetric, one scale per
+block along the input dimension, zero point 128 — a little over a quarter of the bytes.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ TOWER = PREFIX + "img_processor.vision_model."
 CROP = 336  # og's Phi3ImageTransform cuts 336x336 crops, whatever the config says
 HEAD_DIM = 64  # CLIP ViT-L/14: 16 heads of 64
 OPSET = 17
+CONTRIB = "com.microsoft"  # MatMulNBits, GatherBlockQuantized
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # og's processor (onnxruntime-extensions 0.14+): decode, to RGB, HD transform into 16 crops.
@@ -81,6 +85,14 @@ PROCESSOR_CONFIG: dict[str, Any] = {
         ],
     }
 }
+
+
+@dataclass(frozen=True)
+class Int8:
+    """How an INT8 image side stores its matrices: blocks along the input dimension."""
+
+    block_size: int = 32
+    accuracy_level: int = 4  # MatMulNBits' compute: 4 = int8 activations, 0 = dequantise to FP32
 
 
 @dataclass(frozen=True)
@@ -155,6 +167,12 @@ def _read_weights(folder: Path, *wanted: str) -> dict[str, Any]:
     return out
 
 
+def image_weights(source: Path) -> dict[str, Any]:
+    """The tower's, the separators' and the projector's weights: what ``vision_model`` reads."""
+    # Not the whole prefix: the original code also stores the token table there (``wte``).
+    return _read_weights(source, TOWER, PREFIX + "sub_GN", PREFIX + "glb_GN", PREFIX + "img_projection.")
+
+
 def spec_from(config: dict[str, Any], weights: dict[str, Any]) -> VisionSpec:
     embd = config.get("embd_layer") or {}
     proc = config.get("img_processor") or {}
@@ -209,13 +227,34 @@ def spec_from(config: dict[str, Any], weights: dict[str, Any]) -> VisionSpec:
 # --- ONNX ------------------------------------------------------------------------------------
 
 
-class _Graph:
-    """A few helpers over onnx.helper: named constants and one-output nodes."""
+def int8_blocks(matrix: Any, block_size: int) -> tuple[Any, Any]:
+    """``[rows, cols]`` → 8-bit blocks ``[rows, cols / block, block]`` (zero point 128) and scales.
 
-    def __init__(self, prefix: str = "") -> None:
+    The layout ``MatMulNBits`` and ``GatherBlockQuantized`` read with ``bits=8`` and no
+    zero-point input; symmetric, so a block's largest magnitude maps to ±127.
+    """
+    import numpy as np
+
+    rows, cols = matrix.shape
+    blocks = np.asarray(matrix, dtype=np.float32).reshape(rows, cols // block_size, block_size)
+    scales = np.abs(blocks).max(axis=-1) / 127.0
+    scales[scales == 0] = 1.0  # an all-zero block: any scale reproduces it
+    q = np.clip(np.rint(blocks / scales[..., None]), -127, 127) + 128
+    return q.astype(np.uint8), scales.astype(np.float32)
+
+
+class _Graph:
+    """A few helpers over onnx.helper: named constants and one-output nodes.
+
+    With ``int8`` set, ``linear`` writes 8-bit ``MatMulNBits`` for every weight whose
+    input dimension fills whole blocks (the rest stay FP32).
+    """
+
+    def __init__(self, prefix: str = "", int8: Int8 | None = None) -> None:
         self.nodes: list[Any] = []
         self.inits: list[Any] = []
         self.prefix = prefix
+        self.int8 = int8
         self._n = 0
 
     def const(self, name: str, value: Any) -> str:
@@ -234,17 +273,32 @@ class _Graph:
         self._n += 1
         return self.const(f"i{self._n}", np.array(values, dtype=np.int64))
 
-    def op(self, op_type: str, *inputs: str, **attrs: Any) -> str:
+    def op(self, op_type: str, *inputs: str, domain: str = "", **attrs: Any) -> str:
         from onnx import helper
 
         self._n += 1
         out = f"{self.prefix}{op_type}_{self._n}"
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, domain=domain, **attrs))
         return out
 
     def linear(self, x: str, weights: dict[str, Any], name: str) -> str:
-        w = self.const(name + ".weight", weights[name + ".weight"].T.copy())
-        y = self.op("MatMul", x, w)
+        weight = weights[name + ".weight"]  # [out, in], as torch stores it
+        if self.int8 is not None and weight.shape[1] % self.int8.block_size == 0:
+            blocks, scales = int8_blocks(weight, self.int8.block_size)
+            y = self.op(
+                "MatMulNBits",
+                x,
+                self.const(name + ".weight_q8", blocks),
+                self.const(name + ".weight_scales", scales.reshape(-1)),
+                domain=CONTRIB,
+                K=int(weight.shape[1]),
+                N=int(weight.shape[0]),
+                bits=8,
+                block_size=self.int8.block_size,
+                accuracy_level=self.int8.accuracy_level,
+            )
+        else:
+            y = self.op("MatMul", x, self.const(name + ".weight", weight.T.copy()))
         if name + ".bias" in weights:
             y = self.op("Add", y, self.const(name + ".bias", weights[name + ".bias"]))
         return y
@@ -304,12 +358,12 @@ def _tower(g: _Graph, crops: str, spec: VisionSpec, w: dict[str, Any]) -> str:
     return g.op("Slice", x, g.ints(1), g.ints(2**62), g.ints(1))  # drop the class token
 
 
-def _image_body(spec: VisionSpec, w: dict[str, Any]) -> Any:
+def _image_body(spec: VisionSpec, w: dict[str, Any], int8: Int8 | None) -> Any:
     """The Loop body: image ``i``'s valid crops → its features, appended to the running set."""
     import numpy as np
     from onnx import TensorProto, helper
 
-    g = _Graph("img/")
+    g = _Graph("img/", int8)
     half, wide = spec.grid // 2, 4 * spec.width
     size = g.op("Gather", "image_sizes", "i", axis=0)
     gh = g.op("Div", g.op("Gather", size, g.ints(0), axis=0), g.ints(CROP))  # [1]
@@ -366,7 +420,14 @@ def _image_body(spec: VisionSpec, w: dict[str, Any]) -> Any:
     )
 
 
-def vision_model(spec: VisionSpec, weights: dict[str, Any]) -> Any:
+def _model(graph: Any) -> Any:
+    from onnx import helper
+
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(CONTRIB, 1)]
+    return helper.make_model(graph, opset_imports=opsets, producer_name="edgephi")
+
+
+def vision_model(spec: VisionSpec, weights: dict[str, Any], int8: Int8 | None = None) -> Any:
     """``pixel_values [images, crops, 3, 336, 336]``, ``image_sizes [images, 2]`` → ``image_features``."""
     import numpy as np
     from onnx import TensorProto, helper
@@ -375,7 +436,7 @@ def vision_model(spec: VisionSpec, weights: dict[str, Any]) -> Any:
     count = g.op("Gather", g.op("Shape", "pixel_values"), g.const("first", np.array(0, np.int64)), axis=0)
     empty = g.const("no_features", np.zeros((0, spec.hidden), dtype=np.float32))
     loop = helper.make_node(
-        "Loop", [count, "", empty], ["image_features"], name="images", body=_image_body(spec, weights)
+        "Loop", [count, "", empty], ["image_features"], name="images", body=_image_body(spec, weights, int8)
     )
     graph = helper.make_graph(
         [*g.nodes, loop],
@@ -393,10 +454,10 @@ def vision_model(spec: VisionSpec, weights: dict[str, Any]) -> Any:
         ],
         initializer=g.inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgephi")
+    return _model(graph)
 
 
-def embedding_model(table: Any) -> Any:
+def embedding_model(table: Any, int8: Int8 | None = None) -> Any:
     """``input_ids [batch, seq]`` (negative: image slots), ``image_features`` → ``inputs_embeds``."""
     import numpy as np
     from onnx import TensorProto, helper
@@ -404,9 +465,22 @@ def embedding_model(table: Any) -> Any:
     hidden = int(table.shape[1])
     g = _Graph()
     image = g.op("Less", "input_ids", g.ints(0))
-    text = g.op(
-        "Gather", g.const("embed_tokens", table), g.op("Where", image, g.ints(0), "input_ids"), axis=0
-    )
+    ids = g.op("Where", image, g.ints(0), "input_ids")
+    if int8 is not None and hidden % int8.block_size == 0:
+        blocks, scales = int8_blocks(table, int8.block_size)
+        text = g.op(
+            "GatherBlockQuantized",
+            g.const("embed_tokens_q8", blocks.reshape(table.shape)),
+            ids,
+            g.const("embed_tokens_scales", scales),
+            domain=CONTRIB,
+            gather_axis=0,
+            quantize_axis=1,
+            block_size=int8.block_size,
+            bits=8,
+        )
+    else:
+        text = g.op("Gather", g.const("embed_tokens", table), ids, axis=0)
     # The k-th image slot of the prompt takes the k-th image feature; text positions point
     # at an appended zero row, so a prompt without images never indexes an empty tensor.
     flat = g.op("Reshape", image, g.ints(-1))
@@ -432,7 +506,7 @@ def embedding_model(table: Any) -> Any:
         ],
         initializer=g.inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgephi")
+    return _model(graph)
 
 
 def _save(model: Any, path: Path) -> None:
@@ -448,16 +522,15 @@ def _save(model: Any, path: Path) -> None:
     onnx.checker.check_model(str(path))
 
 
-def export(source: Path, config: dict[str, Any], model_dir: Path) -> VisionSpec:
+def export(source: Path, config: dict[str, Any], model_dir: Path, int8: Int8 | None = None) -> VisionSpec:
     """Write vision.onnx, embedding.onnx and processor_config.json beside the built decoder."""
-    # Not the whole prefix: the original code also stores the token table there (``wte``).
-    weights = _read_weights(source, TOWER, PREFIX + "sub_GN", PREFIX + "glb_GN", PREFIX + "img_projection.")
+    weights = image_weights(source)
     spec = spec_from(config, weights)
     table = _read_weights(source, "model.embed_tokens.weight").get("model.embed_tokens.weight")
     if table is None:
         raise NotAModel(f"{source} has no model.embed_tokens.weight for the embedding model")
-    _save(vision_model(spec, weights), model_dir / "vision.onnx")
-    _save(embedding_model(table), model_dir / "embedding.onnx")
+    _save(vision_model(spec, weights, int8), model_dir / "vision.onnx")
+    _save(embedding_model(table, int8), model_dir / "embedding.onnx")
     (model_dir / "processor_config.json").write_text(json.dumps(PROCESSOR_CONFIG, indent=2) + "\n")
     path = model_dir / "genai_config.json"
     genai = json.loads(path.read_text(encoding="utf-8"))

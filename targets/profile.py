@@ -49,6 +49,8 @@ class ModelFormat(str, enum.Enum):
 # and ``hqq``: edgephi's pass over the builder's FP32 graph (``edgephi.packager.hqq``).
 ALGORITHMS = ("default", "rtn", "k_quant", "rtn_last", "k_quant_last", "k_quant_mixed", "hqq")
 _BLOCK_SIZES = (16, 32, 64, 128, 256)
+# A vision model's image encoder and embedding table (``edgephi.packager.vision``).
+VISION_PRECISIONS = (Precision.FP32, Precision.INT8)
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,8 @@ class Target:
     fp32, calibrated at build time); ``threads`` 0 means "one per usable core" at run
     time; ``ram_gb`` is the typical device memory and ``context`` the default context;
     ``model_format`` ``ort`` ships the decoder in ORT format with the operator list a
-    reduced onnxruntime build needs.
+    reduced onnxruntime build needs; ``vision_precision`` is how a vision model's image
+    encoder and embedding table are stored (``fp32``, or ``int8``: a quarter of the bytes).
     """
 
     name: str
@@ -79,6 +82,7 @@ class Target:
     ram_gb: float = 0.0
     context: int = 2048
     model_format: ModelFormat = ModelFormat.ONNX
+    vision_precision: Precision = Precision.FP32
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
@@ -110,6 +114,11 @@ class Target:
             raise ConfigError(
                 f"target {self.name}: model_format ort is built here for the cpu execution_provider only"
             )
+        if self.vision_precision not in VISION_PRECISIONS:
+            raise ConfigError(
+                f"target {self.name}: vision_precision {self.vision_precision.value} is not one of "
+                f"{', '.join(p.value for p in VISION_PRECISIONS)}"
+            )
         if self.threads < 0:
             raise ConfigError(f"target {self.name}: threads must be >= 0 (0 = one per core)")
         if self.context < 64:
@@ -125,8 +134,9 @@ class Target:
         values = dict(data)
         try:
             values["execution_provider"] = ExecutionProvider(values["execution_provider"])
-            if "precision" in values:
-                values["precision"] = Precision(values["precision"])
+            for key in ("precision", "vision_precision"):
+                if key in values:
+                    values[key] = Precision(values[key])
             if "kv_cache" in values:
                 values["kv_cache"] = KVCache(values["kv_cache"])
             if "model_format" in values:

@@ -64,6 +64,7 @@ def test_bad_user_profile_is_reported_by_name(tmp_path: Path, monkeypatch: pytes
         ({"precision": Precision.FP16}, "fp16 needs a GPU"),
         ({"context": 10}, "context 10"),
         ({"name": "bad name"}, "target name"),
+        ({"vision_precision": Precision.INT4}, "vision_precision int4 is not one of fp32, int8"),
     ],
 )
 def test_target_rules(fields: dict, message: str) -> None:  # type: ignore[type-arg]
@@ -75,3 +76,11 @@ def test_target_rules(fields: dict, message: str) -> None:  # type: ignore[type-
 def test_profiles_round_trip_through_dicts() -> None:
     for t in targets.all_targets():
         assert Target.from_dict(t.to_dict()) == t
+
+
+def test_vision_precision_is_read_from_a_profile() -> None:
+    base = {"name": "t", "description": "d", "execution_provider": "cpu"}
+    assert Target.from_dict(base).vision_precision is Precision.FP32
+    assert Target.from_dict({**base, "vision_precision": "int8"}).vision_precision is Precision.INT8
+    with pytest.raises(ConfigError, match="'bf16' is not a valid Precision"):
+        Target.from_dict({**base, "vision_precision": "bf16"})
