@@ -88,7 +88,8 @@ def evaluate(
 ) -> EvalResult:
     """Perplexity of ``model_dir`` on ``text`` (and KL / top-1 against ``reference_dir``)."""
     import numpy as np
-    from edgephi.runtime.engine import _og, default_threads, open_model
+    from edgephi.runtime.genai import default_threads, open_model
+    from edgephi.runtime.genai import og as _og
 
     if window < 8 or max_windows < 1:
         raise ConfigError("eval needs windows of at least 8 tokens and at least one window")

@@ -194,7 +194,8 @@ def _ort_node_count(path: Path) -> int:
 
 def greedy_tokens(model_dir: Path, prompt: str, count: int) -> list[int]:
     """``count`` greedy tokens after ``prompt``: the check that an optimisation changed nothing."""
-    from edgephi.runtime.engine import _og, default_threads, open_model
+    from edgephi.runtime.genai import default_threads, open_model
+    from edgephi.runtime.genai import og as _og
 
     og = _og()
     model = open_model(model_dir, default_threads())

@@ -1,11 +1,16 @@
 """A conversation that fits the model's context window.
 
-``Conversation`` keeps the messages of an interactive chat. Before each answer it drops
-the oldest exchanges (never the system message, never the newest user turn) until the
-prompt plus the room asked for the answer fits the engine's context, and reports how many
-it dropped so the CLI can tell the user. Images asked about go with their turn: each is
-tagged in the prompt where it was given, counted at its cost in image tokens, and
-forgotten with its turn when that is dropped.
+``Conversation`` keeps the messages of an interactive chat and answers them in a
+``Session`` (``edgephi.runtime.session``; the engine's own unless given one), whose KV
+cache already holds the history: each turn computes only the new question. When the prompt
+plus the room asked for the answer no longer fits the context, it drops old exchanges
+(never the system message, never the newest user turn) — half the history at once, as
+llama.cpp's context shift does, because a drop changes the prompt after the system message
+and so costs one prefill of everything kept: in large steps that happens once every many
+turns, not on every turn once the window is full. The system message's cached prefix
+survives a drop. It reports how many exchanges it dropped so the CLI can tell the user.
+Images asked about go with their turn: each is tagged in the prompt where it was given,
+counted at its cost in image tokens, and forgotten with its turn when that is dropped.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from edgephi.runtime.engine import Engine, Message, image_tag
 from edgephi.runtime.errors import ContextOverflow
 from edgephi.runtime.images import Image
 from edgephi.runtime.options import GenerationOptions
+from edgephi.runtime.session import Session
 
 
 @dataclass
@@ -26,6 +32,11 @@ class Conversation:
     messages: list[Message] = field(default_factory=list)
     dropped: int = 0
     images: list[list[Image]] = field(default_factory=list)  # per message, beside ``messages``
+    session: Session | None = None  # the KV cache it answers in; None: the engine's own
+
+    @property
+    def cache(self) -> Session:
+        return self.session or self.engine.session
 
     def reset(self) -> None:
         """Forget the exchanges (the system message stays)."""
@@ -66,8 +77,13 @@ class Conversation:
                     + (f" (its images take {sum(i.tokens for i in images)} tokens)" if images else ""),
                     hint="send fewer pictures, or raise --context if memory allows" if images else None,
                 )
-            # Drop the oldest user turn and the answer that followed it.
-            start += 2 if len(self.messages) - start > 2 else 1
+            if start == 0:
+                # The first drop takes half the exchanges, so the next ones fit too.
+                start = max(2, (len(self.messages) - 1) // 4 * 2)
+            else:
+                # Then the oldest user turn left and the answer that followed it.
+                start += 2 if len(self.messages) - start > 2 else 1
+            start = min(start, len(self.messages) - 1)
 
     def ask(self, text: str, options: GenerationOptions, images: Sequence[Image] = ()) -> Iterator[str]:
         """Add a user turn (with any images) and stream the answer; it joins the history when complete."""
@@ -78,7 +94,7 @@ class Conversation:
         try:
             prompt, shown = self._fit(reserve)
             # Checks (context, images, options) run here, before the first chunk is asked for.
-            chunks = self.engine.stream_prompt(prompt, options, images=shown)
+            chunks = self.engine.stream_prompt(prompt, options, images=shown, session=self.cache)
         except Exception:
             # A turn that cannot be answered leaves no trace, so the next one is not refused too.
             self.messages.pop()
@@ -93,3 +109,12 @@ class Conversation:
             # Also an answer cut short (Ctrl-C) joins the history, so turns keep alternating.
             self.messages.append({"role": "assistant", "content": "".join(parts)})
             self.images.append([])
+
+    def settle(self, background: bool = False) -> None:
+        """Let the cache take in the last answer now, so the next question computes only
+        itself (``Session.settle``); ``background`` does it on a thread, as the chat does
+        while the user types."""
+        if background:
+            self.cache.settle_in_background()
+        else:
+            self.cache.settle()

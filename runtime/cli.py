@@ -250,6 +250,20 @@ def _chat(
     console.info(
         f"Chatting with the model (context {engine.context} tokens). {CHAT_HELP}; Ctrl-C stops an answer."
     )
+    try:
+        _turns(conversation, options, stats, printer, pending)
+    finally:
+        conversation.cache.wait()
+
+
+def _turns(
+    conversation: Conversation,
+    options: GenerationOptions,
+    stats: bool,
+    printer: Printer,
+    pending: list[Image],
+) -> None:
+    engine = conversation.engine
     while True:
         try:
             text = input("> ").strip()
@@ -292,6 +306,8 @@ def _chat(
         except KeyboardInterrupt:
             # Ctrl-C stops this answer, not the chat.
             console.info("\n(interrupted)")
+        # While the user reads and types, the cache takes in the answer (also a cut one).
+        conversation.settle(background=True)
 
 
 @app.command("list")
@@ -380,6 +396,12 @@ def serve(
         ),
     ] = None,
     max_tokens: MaxTokens = 256,
+    slots: Annotated[
+        int | None,
+        typer.Option(
+            "--slots", help="Conversations whose KV cache is kept (default: what memory holds, up to 4)."
+        ),
+    ] = None,
     threads: Threads = None,
     context: Context = None,
     memory_budget: MemoryBudget = None,
@@ -391,6 +413,13 @@ def serve(
 
     engine = _load(bundle, store, threads, context, memory_budget, insecure_skip_verify)
     name = engine.model_name
+    fit = engine.plan.kv_caches(max(slots or 0, memory.MAX_KV_CACHES)) if engine.plan is not None else 1
+    if slots is not None and slots > fit:
+        raise ConfigError(
+            f"--slots {slots} needs {slots} KV caches of {engine.context} tokens; "
+            f"the memory budget holds {fit}",
+            hint="ask for fewer slots, a smaller --context, or a larger --memory-budget",
+        )
     config = server.ServerConfig(
         model_name=name,
         host=host,
@@ -398,6 +427,7 @@ def serve(
         max_queue=max_queue,
         max_body=max_body or (server.VISION_MAX_BODY if engine.vision else server.TEXT_MAX_BODY),
         max_tokens_default=max_tokens,
+        slots=slots or fit,
     )
     server.serve(engine, config, ready=lambda s: console.info(f"serving {name} on {s.url}/v1 (Ctrl-C stops)"))
 

@@ -4,7 +4,10 @@
 context length applied through og's config overlay (the installed files are never
 edited), turns chat messages into a prompt with the model's own chat template, and
 ``stream()`` yields decoded text as tokens arrive; the statistics of the last call are
-in ``last_stats``. onnxruntime-genai's telemetry is switched off before anything loads.
+in ``last_stats``. The answer itself runs in a ``Session`` (``edgephi.runtime.session``),
+which keeps its generator's KV cache between answers: the engine's own session serves
+``stream``/``generate`` and every ``Conversation``, so a prompt that repeats the start of
+the previous one (a chat's history, a shared system prompt) computes only what is new.
 
 A vision model (Phi-3.5-vision, ``edgephi.packager.vision``) also takes pictures: each is
 checked from its headers (``edgephi.runtime.images``), tagged ``<|image_k|>`` in the
@@ -16,7 +19,6 @@ tensors feed the image encoder, the embedding model and the decoder.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -25,13 +27,21 @@ from pathlib import Path
 from typing import Any
 
 from edgephi.runtime import sandbox
-from edgephi.runtime.errors import BadImage, ConfigError, ContextOverflow, EdgeError, GenerationError
+from edgephi.runtime.errors import BadImage, ConfigError, ContextOverflow, GenerationError
+from edgephi.runtime.genai import default_threads, og, open_model
 from edgephi.runtime.images import Image, load_image
 from edgephi.runtime.options import GenerationOptions
+from edgephi.runtime.sampling import SearchDefaults
+from edgephi.runtime.session import Request, Session, Stats, StopMatcher
+
+__all__ = ["Completion", "Engine", "Stats", "StopMatcher", "default_threads", "open_model"]
 
 Message = dict[str, str]
 LogitsHook = Callable[[list[int], Any], Any]
 ImageLike = Image | str | Path | bytes
+# Sequence length past which Phi-3's long-RoPE models use their long rotary factors (og's
+# own rewind threshold for model types phi3 and phimoe).
+PHI3_ROPE_SWITCH = 4096
 # og's Phi-3-vision processor finds image k of a prompt by this tag and replaces it with
 # the image's features; the tags must number the images given, 1..n, each once.
 IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
@@ -58,60 +68,6 @@ def attach_images(messages: Sequence[Message], count: int) -> list[Message]:
             raise ConfigError("images need a user message to go with")
         users[-1]["content"] = "".join(image_tag(k) for k in range(1, count + 1)) + users[-1]["content"]
     return out
-
-
-def default_threads() -> int:
-    """Cores this process may run on (honours taskset/cgroup cpusets, unlike os.cpu_count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
-
-
-def _og() -> Any:
-    import onnxruntime_genai as og
-
-    # og reports usage events unless told not to; a device runtime must not phone home.
-    og.disable_telemetry_events()
-    return og
-
-
-def open_model(model_dir: Path, threads: int, max_length: int | None = None) -> Any:
-    """An ``og.Model`` on ``threads`` threads: og runs on one unless the config says otherwise."""
-    og = _og()
-    overlay: dict[str, Any] = {"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}
-    if max_length is not None:
-        overlay["search"] = {"max_length": max_length}
-    config = og.Config(str(model_dir))
-    config.overlay(json.dumps(overlay))
-    return og.Model(config)
-
-
-@dataclass(frozen=True)
-class Stats:
-    prompt_tokens: int
-    generated_tokens: int
-    ttft_s: float
-    decode_tokens_per_s: float
-    total_s: float
-    finish_reason: str  # "stop" (end of turn), "length" (max_tokens) or "context" (window full)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "generated_tokens": self.generated_tokens,
-            "ttft_s": round(self.ttft_s, 4),
-            "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
-            "total_s": round(self.total_s, 4),
-            "finish_reason": self.finish_reason,
-        }
-
-    def line(self) -> str:
-        return (
-            f"[{self.prompt_tokens} prompt tokens, {self.generated_tokens} generated, "
-            f"TTFT {self.ttft_s * 1000:.0f} ms, {self.decode_tokens_per_s:.1f} tok/s, "
-            f"finish: {self.finish_reason}]"
-        )
 
 
 def _fold_system(messages: Sequence[Message]) -> list[Message]:
@@ -166,10 +122,16 @@ class Engine:
         # A vision model (Phi-3.5-vision): og runs its image encoder and embedding sessions
         # before the decoder, fed by the multimodal processor instead of the tokenizer.
         self.vision = "vision" in genai.get("model", {})
-        og = _og()
+        self.search_defaults = SearchDefaults.from_genai(genai)
+        eos = genai.get("model", {}).get("eos_token_id", [])
+        self.eos_ids: tuple[int, ...] = tuple(eos) if isinstance(eos, list) else (int(eos),)
+        kind = genai.get("model", {}).get("type")
+        self.rope_switch = (
+            PHI3_ROPE_SWITCH if kind in ("phi3", "phimoe") and self.context > PHI3_ROPE_SWITCH else None
+        )
         try:
             self._model = open_model(self.model_dir, self.threads, self.context)
-            self._tokenizer = og.Tokenizer(self._model)
+            self._tokenizer = og().Tokenizer(self._model)
             self._processor: Any = self._model.create_multimodal_processor() if self.vision else None
         except Exception as exc:  # og raises plain RuntimeError/OSError with its own text
             raise GenerationError(f"onnxruntime-genai could not load {self.model_dir}: {exc}") from None
@@ -181,6 +143,7 @@ class Engine:
         self._adapters: Any = None
         self.verification: Any = None  # set by the loader: how the bundle's origin was checked
         self.plan: Any = None  # set by the loader: the memory plan behind ``context``
+        self.session = Session(self)  # the KV cache that stream() and generate() reuse
 
     # --- prompts ------------------------------------------------------------------------
 
@@ -251,13 +214,19 @@ class Engine:
         *,
         images: Sequence[Image] = (),
         logits_hook: LogitsHook | None = None,
+        session: Session | None = None,
     ) -> Iterator[str]:
-        """Like ``stream`` for a prompt that is already formatted (and tags its ``images``)."""
+        """Like ``stream`` for a prompt that is already formatted (and tags its ``images``).
+
+        ``session`` is the KV cache to answer in (default: the engine's own).
+        """
         options = options or GenerationOptions()
-        if logits_hook is not None and options.beam_search:
-            raise ConfigError("a logits hook steers one sequence; use it with num_beams 1")
-        og = _og()
         start = time.perf_counter()
+        request = self.prepare(prompt, images)
+        return (session or self.session).generate(request, options, logits_hook=logits_hook, start=start)
+
+    def prepare(self, prompt: str, images: Sequence[Image] = ()) -> Request:
+        """Tokenize ``prompt`` (with og's processor when it shows ``images``) and check it fits."""
         tags = sorted(int(t) for t in IMAGE_TAG.findall(prompt)) if self.vision else []
         if tags != list(range(1, len(images) + 1)):
             raise ConfigError(f"the prompt tags images {tags} but {len(images)} image(s) were given")
@@ -272,32 +241,16 @@ class Engine:
                     # Resolution does not matter: og scales every picture to up to 16 crops.
                     hint="send fewer pictures, or raise --context if memory allows",
                 )
-            tokens = self._process(prompt, images)
+            inputs = self._process(prompt, images)
+            ids = tuple(int(t) for t in inputs["input_ids"].as_numpy().reshape(-1))
+            request = Request(ids, inputs, len(images))
         else:
-            tokens = self._tokenizer.encode(prompt)
-        n_prompt = len(tokens) if not images else int(tokens["input_ids"].as_numpy().shape[-1])
-        if n_prompt >= self.context:
-            raise ContextOverflow(f"the prompt is {n_prompt} tokens but the context holds {self.context}")
-        # og preallocates the KV cache for max_length, so ask only for what this answer can use.
-        max_length = min(self.context, n_prompt + options.max_tokens)
-        params = og.GeneratorParams(self._model)
-        search = options.search_options()
-        if options.min_tokens:
-            search["min_length"] = min(max_length, n_prompt + options.min_tokens)
-        params.set_search_options(max_length=max_length, **search)
-        try:
-            if options.json_schema is not None:
-                params.set_guidance("json_schema", options.json_schema)
-            elif options.regex is not None:
-                params.set_guidance("regex", options.regex)
-        except Exception as exc:
-            raise ConfigError(f"the output constraint was refused: {exc}") from None
-        generator = og.Generator(self._model, params)
-        if options.adapter is not None:
-            self._activate(generator, options.adapter)
-        run = _Run(n_prompt, max_length, options, logits_hook, start)
-        run.images = len(images)
-        return self._loop(generator, tokens, run)
+            request = Request(tuple(int(t) for t in self._tokenizer.encode(prompt)))
+        if request.n_prompt >= self.context:
+            raise ContextOverflow(
+                f"the prompt is {request.n_prompt} tokens but the context holds {self.context}"
+            )
+        return request
 
     def _process(self, prompt: str, images: Sequence[Image]) -> Any:
         """og's processor on ``prompt`` and its pictures: token ids, pixels, image sizes.
@@ -305,11 +258,11 @@ class Engine:
         Decoding runs in a forked child where the OS has ``fork`` (``edgephi.runtime.sandbox``):
         og's JPEG decoder exits the whole process on some corrupt files.
         """
-        og = _og()
+        genai = og()
         names = ", ".join(i.name for i in images)
 
         def process() -> Any:
-            return self._processor(prompt, images=og.Images.open_bytes(*(i.data for i in images)))
+            return self._processor(prompt, images=genai.Images.open_bytes(*(i.data for i in images)))
 
         def work() -> dict[str, Any]:
             inputs = process()
@@ -323,77 +276,26 @@ class Engine:
             raise BadImage(f"{names} could not be decoded ({exc}): the file is corrupt") from None
         except Exception as exc:  # og's own error, raised in the child or here
             raise BadImage(f"onnxruntime-genai could not read {names}: {exc}") from None
-        named = og.NamedTensors()
+        named = genai.NamedTensors()
         for key, value in arrays.items():
             named[key] = value
         return named
 
-    def _activate(self, generator: Any, name: str) -> None:
+    def check_adapter(self, name: str) -> None:
         if name not in self.adapter_names:
             raise ConfigError(
                 f"adapter {name!r} is not in this model; "
                 f"it has: {', '.join(self.adapter_names) or 'no adapters'}"
             )
+
+    def _activate(self, generator: Any, name: str) -> None:
+        self.check_adapter(name)
         if self._adapters is None:
-            adapters = _og().Adapters(self._model)
+            adapters = og().Adapters(self._model)
             for n in self.adapter_names:
                 adapters.load(str(self.model_dir / "adapters" / f"{n}.onnx_adapter"), n)
             self._adapters = adapters
         generator.set_active_adapter(self._adapters, name)
-
-    def _loop(self, generator: Any, tokens: Any, run: _Run) -> Iterator[str]:
-        stops = StopMatcher(run.options.stop)
-        try:
-            if run.images:  # the multimodal processor's named tensors: ids, pixels, image sizes
-                generator.set_inputs(tokens)
-            else:
-                generator.append_tokens(tokens)
-            if run.options.beam_search:
-                yield from self._beams(generator, tokens, run, stops)
-            else:
-                decoder = self._tokenizer.create_stream()
-                while not generator.is_done():
-                    if run.needs_logits:
-                        generator.set_logits(run.adjust(generator.get_logits()))
-                    generator.generate_next_token()
-                    token = int(generator.get_next_tokens()[0])
-                    run.took(token)
-                    emit, stopped = stops.feed(decoder.decode(token))
-                    if emit:
-                        yield emit
-                    if stopped:
-                        run.finish = "stop"
-                        return
-                tail = stops.flush()
-                if tail:
-                    yield tail
-            run.finish = run.natural_finish()
-        except GeneratorExit:
-            raise
-        except Exception as exc:
-            if isinstance(exc, EdgeError):
-                raise
-            raise GenerationError(f"generation failed after {run.generated} tokens: {exc}") from None
-        finally:
-            self.last_stats = run.stats()
-            del generator
-
-    def _beams(self, generator: Any, tokens: Any, run: _Run, stops: StopMatcher) -> Iterator[str]:
-        # Beam search only knows its best sequence at the end, so it streams as one chunk.
-        while not generator.is_done():
-            generator.generate_next_token()
-            run.steps += 1
-            if run.steps == 1:
-                run.first_at = time.perf_counter()
-        best = list(generator.get_sequence(0))[run.n_prompt :]
-        run.generated = len(best)
-        run.ids = best
-        emit, stopped = stops.feed(self._tokenizer.decode(best))
-        text = emit + ("" if stopped else stops.flush())
-        if stopped:
-            run.finish = "stop"
-        if text:
-            yield text
 
     def generate(
         self,
@@ -407,107 +309,3 @@ class Engine:
         text = "".join(self.stream(messages, options, images=images, logits_hook=logits_hook))
         assert self.last_stats is not None
         return Completion(text, self.last_stats)
-
-
-class StopMatcher:
-    """Cuts the output at the first stop string, even one split across tokens.
-
-    Text that could be the start of a stop string is held back until the next chunk
-    shows whether it is; ``flush`` releases it when generation ends without a stop.
-    """
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = tuple(stops)
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        if not self.stops:
-            return text, False
-        self.pending += text
-        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i != -1), default=-1)
-        if cut != -1:
-            emit, self.pending = self.pending[:cut], ""
-            return emit, True
-        safe = len(self.pending) - self.hold
-        # Keep back the longest tail that is a prefix of some stop string.
-        for start in range(max(0, safe), len(self.pending)):
-            tail = self.pending[start:]
-            if any(s.startswith(tail) for s in self.stops):
-                emit, self.pending = self.pending[:start], self.pending[start:]
-                return emit, False
-        emit, self.pending = self.pending, ""
-        return emit, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
-
-class _Run:
-    """The bookkeeping of one generation: counts, timings, logits adjustments."""
-
-    def __init__(
-        self,
-        n_prompt: int,
-        max_length: int,
-        options: GenerationOptions,
-        hook: LogitsHook | None,
-        start: float,
-    ) -> None:
-        self.n_prompt, self.max_length, self.options, self.hook, self.start = (
-            n_prompt,
-            max_length,
-            options,
-            hook,
-            start,
-        )
-        self.generated = 0
-        self.images = 0
-        self.steps = 0
-        self.ids: list[int] = []
-        self.first_at = 0.0
-        self.finish = "cancelled"
-        self.needs_logits = hook is not None or options.min_p is not None
-
-    def took(self, token: int) -> None:
-        self.generated += 1
-        self.ids.append(token)
-        if self.generated == 1:
-            self.first_at = time.perf_counter()
-
-    def adjust(self, logits: Any) -> Any:
-        import numpy as np
-
-        out = np.array(logits, dtype=np.float32, copy=True)
-        if self.hook is not None:
-            out = np.asarray(self.hook(list(self.ids), out), dtype=np.float32)
-            if out.shape != logits.shape:
-                raise ConfigError(f"the logits hook returned shape {out.shape}, expected {logits.shape}")
-        if self.options.min_p is not None:
-            # min-p: keep tokens whose probability is at least min_p x that of the likeliest.
-            flat = out.reshape(-1)
-            temperature = self.options.temperature or 1.0
-            scaled = flat / temperature
-            probs = np.exp(scaled - scaled.max())
-            flat[probs < self.options.min_p * probs.max()] = -np.inf
-        return out
-
-    def natural_finish(self) -> str:
-        if self.n_prompt + self.generated >= self.max_length:
-            return "length" if self.generated >= self.options.max_tokens else "context"
-        return "stop"
-
-    def stats(self) -> Stats:
-        end = time.perf_counter()
-        first_at = self.first_at or end
-        decode_s = end - first_at
-        n = self.generated
-        return Stats(
-            prompt_tokens=self.n_prompt,
-            generated_tokens=n,
-            ttft_s=first_at - self.start,
-            decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
-            total_s=end - self.start,
-            finish_reason=self.finish,
-        )

@@ -15,8 +15,9 @@ from pathlib import Path
 from edgephi.runtime import __about__, memory
 from edgephi.runtime.bundle import TrustPolicy, open_bundle
 from edgephi.runtime.device import ARCH_ALIASES, machine_arch
-from edgephi.runtime.engine import Engine, default_threads
+from edgephi.runtime.engine import Engine
 from edgephi.runtime.errors import BundleNotFound, IncompatibleBundle, NotAModel
+from edgephi.runtime.genai import default_threads
 from edgephi.runtime.manifest import Manifest, is_valid_name, version_key
 from edgephi.runtime.store import InstalledModel, Store
 

@@ -16,6 +16,10 @@ The budget is ``--memory-budget`` / ``EDGEPHI_MEMORY_BUDGET``, else what is real
 ``MemAvailable`` from /proc/meminfo, capped by the cgroup (v2 or v1) limit minus its
 usage, less a headroom for the rest of the system. The plan is applied through og's
 config overlay by ``Engine`` — installed files are never edited.
+
+A KV cache lives as long as its session (``edgephi.runtime.session``), so the plan also
+says how many whole-context caches the budget holds beside the first: one session of
+``edge-run serve`` each (``kv_caches``); one answer at a time still needs one prefill's scratch.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ RUNTIME_OVERHEAD = 160 * MIB  # interpreter, onnxruntime(-genai) libraries, toke
 WEIGHT_LOAD_FACTOR = 1.5  # session creation reads the weights and prepacks MatMulNBits blocks
 ACTIVATION_FLOATS_PER_HIDDEN = 24  # live hidden-sized fp32 buffers per prompt token during prefill
 MIN_CONTEXT = 128
+MAX_KV_CACHES = 4  # server slots by default: enough for a few clients; more is rarely worth the memory
 HEADROOM_FRACTION = 0.10
 MIN_HEADROOM = 256 * MIB
 _UNLIMITED = 1 << 60
@@ -235,6 +240,14 @@ class MemoryPlan:
     def need(self) -> int:
         return self.shape.need(self.max_length)
 
+    def kv_caches(self, most: int = MAX_KV_CACHES) -> int:
+        """How many KV caches of ``max_length`` tokens the budget holds (at least one, at most ``most``)."""
+        one = self.shape.kv_bytes_per_token * self.max_length
+        if self.budget is None or one <= 0:
+            return 1
+        extra = max(0, self.budget - self.need) // one
+        return int(max(1, min(most, 1 + extra)))
+
     def describe(self) -> str:
         s = self.shape
         rows = [
@@ -249,7 +262,12 @@ class MemoryPlan:
                 f"{format_size(s.weights_bytes)} on disk, {format_size(s.fixed_bytes() - RUNTIME_OVERHEAD)}"
                 f" loaded, + {format_size(RUNTIME_OVERHEAD)} runtime",
             ),
-            ("KV cache", f"{format_size(s.kv_bytes_per_token)} per token"),
+            (
+                "KV cache",
+                f"{format_size(s.kv_bytes_per_token)} per token, "
+                f"{format_size(s.kv_bytes_per_token * self.max_length)} a cache; "
+                f"{self.kv_caches()} fit (server slots)",
+            ),
             ("prefill", f"up to {format_size(s.prefill_bytes(self.max_length))} at {self.max_length} tokens"),
             (
                 "context",

@@ -7,8 +7,17 @@ never fetches a URL from the network),
 library's threading HTTP server, so a device needs nothing more than the runtime.
 
 * It listens on 127.0.0.1 unless told otherwise: a model on a device is not a public service.
-* One generation runs at a time — the memory plan has room for one KV cache — and at most
-  ``max_queue`` requests wait for it; more get 503 with ``Retry-After``.
+* One generation runs at a time and at most ``max_queue`` requests wait for it; more get
+  503 with ``Retry-After``.
+* Each of ``slots`` sessions (one per KV cache the memory plan holds, at least one) keeps
+  its cache between requests. OpenAI clients resend the whole conversation every time; a
+  request goes to the slot whose cached tokens share the longest prefix with its prompt (of
+  those sharing nothing, the one used longest ago), so only what is new is computed, as
+  llama-server's ``cache_prompt`` does. Once a response is sent, its slot re-prefills what
+  the answer's decode steps wrote (``Session.settle``); a request that comes meanwhile waits
+  for one chunk of that at most. ``usage.prompt_tokens_details.cached_tokens`` says how many
+  prompt tokens came from the cache. A client that goes away mid-stream stops its answer;
+  the slot keeps what was computed.
 * Bodies over ``max_body`` bytes get 413, malformed JSON or options 400, an unknown model
   404; the error body is OpenAI's ``{"error": {"message", "type", "code"}}``.
 * SIGTERM/SIGINT stop accepting connections and let the requests in flight finish.
@@ -29,10 +38,11 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from edgephi.runtime.engine import IMAGE_TAG, Engine, Message, Stats, image_tag
+from edgephi.runtime.engine import IMAGE_TAG, Engine, Message, image_tag
 from edgephi.runtime.errors import BadImage, ConfigError, ContextOverflow, EdgeError
 from edgephi.runtime.images import Image, load_image
 from edgephi.runtime.options import GenerationOptions
+from edgephi.runtime.session import Session, Stats, pick
 
 TEXT_MAX_BODY = 1 << 20
 VISION_MAX_BODY = 32 << 20  # a phone photo as base64 in a data: URL
@@ -47,10 +57,13 @@ class ServerConfig:
     max_body: int = TEXT_MAX_BODY
     max_queue: int = 8
     max_tokens_default: int = 256
+    slots: int = 1
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port {self.port} is not a TCP port")
+        if self.slots < 1:
+            raise ConfigError(f"slots must be at least 1, not {self.slots}")
         if self.max_queue < 1 or self.max_body < 1024:
             raise ConfigError("max_queue must be >= 1 and max_body >= 1024 bytes")
 
@@ -113,6 +126,7 @@ def options_from(body: dict[str, Any], default_max_tokens: int) -> GenerationOpt
     try:
         return GenerationOptions(
             max_tokens=max_tokens or default_max_tokens,
+            min_tokens=_number(body, "min_tokens", int) or 0,
             temperature=_number(body, "temperature", float),
             top_p=_number(body, "top_p", float),
             top_k=_number(body, "top_k", int),
@@ -201,6 +215,8 @@ class ModelServer:
 
     def __init__(self, engine: Engine, config: ServerConfig) -> None:
         self.engine, self.config = engine, config
+        self.slots = [engine.session] + [Session(engine) for _ in range(config.slots - 1)]
+        self._used = [0.0] * len(self.slots)
         self._gate = threading.Lock()  # one generation at a time
         self._count_lock = threading.Lock()
         self._admitted = 0
@@ -244,20 +260,32 @@ class ModelServer:
             self._admitted -= 1
 
     def generate(
-        self, prompt: str, options: GenerationOptions, done: list[Stats], images: list[Image]
+        self, prompt: str, options: GenerationOptions, outcome: Outcome, images: list[Image]
     ) -> Generator[str, None, None]:
-        """Stream under the gate; the caller holds an admission. ``done`` receives the stats."""
+        """Stream under the gate in the best slot; the caller holds an admission."""
         with self._gate:
             try:
-                yield from self.engine.stream_prompt(prompt, options, images=images)
-                if self.engine.last_stats is not None:
-                    done.append(self.engine.last_stats)
+                start = time.perf_counter()
+                request = self.engine.prepare(prompt, images)
+                index = pick(self.slots, request.ids, self._used)
+                outcome.slot = self.slots[index]
+                self._used[index] = time.monotonic()
+                yield from outcome.slot.generate(request, options, start=start)
+                outcome.stats = outcome.slot.last_stats
             except ContextOverflow as exc:
                 raise ApiError(400, str(exc), code="context_length_exceeded") from None
             except BadImage as exc:
                 raise ApiError(400, str(exc), code="invalid_image") from None
             except ConfigError as exc:
                 raise ApiError(400, str(exc), code="invalid_value") from None
+
+
+@dataclass
+class Outcome:
+    """What one request's answer left: its stats, and the slot to settle once it is sent."""
+
+    stats: Stats | None = None
+    slot: Session | None = None
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -365,11 +393,14 @@ class _Handler(BaseHTTPRequestHandler):
         except EdgeError as exc:
             self._fail(ApiError(400, str(exc)))
             return
+        outcome = Outcome()
         try:
             if body.get("stream"):
-                self._stream(prompt, options, chat, images)
+                stream_options = body.get("stream_options")
+                usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+                self._stream(prompt, options, chat, images, outcome, usage)
             else:
-                self._complete(prompt, options, chat, images)
+                self._complete(prompt, options, chat, images, outcome)
         except ApiError as exc:
             self._fail(exc)
         except (BrokenPipeError, ConnectionResetError):
@@ -378,6 +409,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._fail(ApiError(500, str(exc), kind="server_error"))
         finally:
             self.owner.release()
+            if outcome.slot is not None:
+                # The response is out; the slot takes in the answer before the next request.
+                outcome.slot.settle()
 
     def _envelope(self, chat: bool, rid: str) -> dict[str, Any]:
         return {
@@ -388,30 +422,46 @@ class _Handler(BaseHTTPRequestHandler):
         }
 
     @staticmethod
-    def _usage(done: list[Stats]) -> dict[str, int]:
-        p, c = (done[0].prompt_tokens, done[0].generated_tokens) if done else (0, 0)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    def _usage(stats: Stats | None) -> dict[str, Any]:
+        p, c, cached = (
+            (stats.prompt_tokens, stats.generated_tokens, stats.cached_tokens) if stats else (0, 0, 0)
+        )
+        return {
+            "prompt_tokens": p,
+            "completion_tokens": c,
+            "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
 
     @staticmethod
-    def _finish(done: list[Stats]) -> str:
-        return "length" if done and done[0].finish_reason in ("length", "context") else "stop"
+    def _finish(stats: Stats | None) -> str:
+        return "length" if stats and stats.finish_reason in ("length", "context") else "stop"
 
-    def _complete(self, prompt: str, options: GenerationOptions, chat: bool, images: list[Image]) -> None:
-        done: list[Stats] = []
-        text = "".join(self.owner.generate(prompt, options, done, images))
+    def _complete(
+        self, prompt: str, options: GenerationOptions, chat: bool, images: list[Image], outcome: Outcome
+    ) -> None:
+        text = "".join(self.owner.generate(prompt, options, outcome, images))
         out = self._envelope(chat, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}")
-        choice: dict[str, Any] = {"index": 0, "finish_reason": self._finish(done), "logprobs": None}
+        choice: dict[str, Any] = {"index": 0, "finish_reason": self._finish(outcome.stats), "logprobs": None}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
-        out.update(choices=[choice], usage=self._usage(done))
+        out.update(choices=[choice], usage=self._usage(outcome.stats))
         self._send_json(200, out)
 
-    def _stream(self, prompt: str, options: GenerationOptions, chat: bool, images: list[Image]) -> None:
+    def _stream(
+        self,
+        prompt: str,
+        options: GenerationOptions,
+        chat: bool,
+        images: list[Image],
+        outcome: Outcome,
+        usage: bool,
+    ) -> None:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        done: list[Stats] = []
-        chunks = self.owner.generate(prompt, options, done, images)
+        chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+        chunks = self.owner.generate(prompt, options, outcome, images)
         # Start generating before the headers, so a bad request still gets a proper status.
         first = next(chunks, None)
         self.send_response(200)
@@ -423,7 +473,7 @@ class _Handler(BaseHTTPRequestHandler):
 
         def event(delta: str | None, finish: str | None = None) -> None:
             out = self._envelope(chat, rid)
-            out["object"] = "chat.completion.chunk" if chat else "text_completion"
+            out["object"] = chunk_kind
             if chat:
                 payload: dict[str, Any] = {} if delta is None else {"content": delta}
                 choice: dict[str, Any] = {"index": 0, "delta": payload, "finish_reason": finish}
@@ -447,7 +497,12 @@ class _Handler(BaseHTTPRequestHandler):
                 event(chunk)
         finally:
             chunks.close()
-        event(None, self._finish(done))
+        event(None, self._finish(outcome.stats))
+        if usage:
+            # OpenAI's stream_options.include_usage: a last chunk with no choices and the usage.
+            out = self._envelope(chat, rid)
+            out.update(object=chunk_kind, choices=[], usage=self._usage(outcome.stats))
+            self.wfile.write(b"data: " + json.dumps(out).encode() + b"\n\n")
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
 

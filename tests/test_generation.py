@@ -10,9 +10,10 @@ import numpy as np
 import onnxruntime_genai as og
 import pytest
 from edgephi.runtime import load
-from edgephi.runtime.engine import Engine, StopMatcher
+from edgephi.runtime.engine import Engine
 from edgephi.runtime.errors import ConfigError
 from edgephi.runtime.options import GenerationOptions
+from edgephi.runtime.session import StopMatcher
 from edgephi.runtime.store import Store
 
 SEA = [{"role": "user", "content": "Tell me about the sea."}]

@@ -1,0 +1,289 @@
+"""The KV cache outlives the answer: reuse is never wrong, and it really is reuse.
+
+Every equality here compares an answer taken from a session's cache with the answer of a
+fresh generator (a new ``Session``) on the same prompt, greedy, token for token — after
+settling and without, after an interrupted answer, after the context overflowed, with
+options that change per answer, through the chat, the Python API and the server.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import openai
+import pytest
+from edgephi.runtime import load
+from edgephi.runtime.chat import Conversation
+from edgephi.runtime.engine import Engine
+from edgephi.runtime.options import GenerationOptions
+from edgephi.runtime.server import ModelServer, ServerConfig
+from edgephi.runtime.session import Session
+from edgephi.runtime.store import Store
+
+GREEDY = GenerationOptions(max_tokens=24, temperature=0.0)
+QUESTIONS = [
+    "What is the capital of France? Tell me about it.",
+    "And the capital of Germany? What is it known for?",
+    "Which of the two cities is older, and by how much?",
+    "Name three rivers that flow through either of them.",
+    "Summarise our conversation in one sentence.",
+]
+SYSTEM = "You are a concise geography tutor. Answer in plain sentences, without lists or headings."
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    return load(smollm2_bundle, store=Store(tmp_path_factory.mktemp("cache-store")))
+
+
+@pytest.fixture(scope="module")
+def phi(phi3_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    return load(phi3_bundle, store=Store(tmp_path_factory.mktemp("cache-store-phi")))
+
+
+def fresh(engine: Engine, prompt: str, options: GenerationOptions) -> str:
+    """The answer of a generator that has seen nothing before: what reuse must reproduce."""
+    session = Session(engine)
+    try:
+        return "".join(engine.stream_prompt(prompt, options, session=session))
+    finally:
+        session.reset()
+
+
+def chat_matches_fresh(engine: Engine, options: GenerationOptions, settle: list[bool]) -> list[int]:
+    """Chat one turn per ``settle`` entry; each answer must equal a fresh generator's. Returns
+    the cached prompt tokens of each turn."""
+    engine.session.reset()
+    chat = Conversation(engine, system=SYSTEM)
+    cached = []
+    for question, settle_now in zip(QUESTIONS, settle, strict=False):
+        answer = "".join(chat.ask(question, options))
+        stats = engine.last_stats
+        assert stats is not None
+        cached.append(stats.cached_tokens)
+        prompt = engine.format_prompt(chat._all()[0][:-1])  # the prompt that answer came from
+        assert answer == fresh(engine, prompt, options), f"turn {len(cached)} differs"
+        if settle_now:
+            chat.settle()
+    return cached
+
+
+@pytest.mark.parametrize("model", ["smol", "phi"])
+def test_chat_from_the_cache_answers_as_a_fresh_generator(model: str, request: pytest.FixtureRequest) -> None:
+    engine: Engine = request.getfixturevalue(model)
+    cached = chat_matches_fresh(engine, GREEDY, [True, False, True, True, False])
+    assert cached[0] == 0
+    # Each later turn reuses at least the system prompt and the first question.
+    assert all(c > 40 for c in cached[1:]), cached
+    assert cached[2] > cached[1] and cached[4] > cached[3], cached
+
+
+def test_settling_takes_in_the_answer(smol: Engine) -> None:
+    smol.session.reset()
+    chat = Conversation(smol, system=SYSTEM)
+    "".join(chat.ask(QUESTIONS[0], GenerationOptions(max_tokens=24, min_tokens=24, temperature=0.0)))
+    answered = smol.last_stats
+    assert answered is not None and answered.generated_tokens == 24
+    pending = smol.session.pending_tokens
+    assert pending >= answered.generated_tokens - 1
+    chat.settle()
+    assert smol.session.pending_tokens == 0
+    "".join(chat.ask(QUESTIONS[1], GREEDY))
+    after = smol.last_stats
+    assert after is not None
+    # Settled: the whole previous prompt and its answer came from the cache.
+    assert after.cached_tokens >= answered.prompt_tokens + answered.generated_tokens - 2
+
+
+def test_background_settle_yields_to_the_next_answer(smol: Engine) -> None:
+    smol.session.reset()
+    chat = Conversation(smol, system=SYSTEM)
+    long = GenerationOptions(max_tokens=200, min_tokens=200, temperature=0.0)
+    "".join(chat.ask(QUESTIONS[0], long))
+    chat.settle(background=True)
+    # Asked at once: the settle stops after its chunk, and the answer is still exact.
+    answer = "".join(chat.ask(QUESTIONS[1], GREEDY))
+    prompt = smol.format_prompt(chat._all()[0][:-1])
+    assert answer == fresh(smol, prompt, GREEDY)
+    smol.session.wait()
+
+
+def test_an_interrupted_answer_leaves_the_cache_consistent(smol: Engine) -> None:
+    smol.session.reset()
+    chat = Conversation(smol, system=SYSTEM)
+    chunks = chat.ask(QUESTIONS[0], GenerationOptions(max_tokens=64, temperature=0.0))
+    for _ in range(5):
+        next(chunks)
+    chunks.close()  # what Ctrl-C does to the chat's stream
+    assert smol.last_stats is not None and smol.last_stats.finish_reason == "cancelled"
+    assert chat.messages[-1]["role"] == "assistant"
+    answer = "".join(chat.ask(QUESTIONS[1], GREEDY))
+    prompt = smol.format_prompt(chat._all()[0][:-1])
+    assert smol.last_stats.cached_tokens > 0
+    assert answer == fresh(smol, prompt, GREEDY)
+
+
+def test_options_that_change_per_answer_keep_the_cache(smol: Engine) -> None:
+    smol.session.reset()
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[0]}]
+    prompt = smol.format_prompt(messages)
+    "".join(smol.stream_prompt(prompt, GREEDY))
+    n = smol.count_tokens(prompt)
+    sampled = GenerationOptions(max_tokens=24, temperature=0.9, top_p=0.9, seed=11)
+    per_answer = [
+        sampled,
+        GenerationOptions(max_tokens=24, temperature=0.7, top_k=5, min_p=0.1, seed=3),
+        GenerationOptions(max_tokens=24, temperature=0.0, repetition_penalty=1.3),
+        GenerationOptions(max_tokens=24, temperature=0.0, no_repeat_ngram=2),
+        GenerationOptions(max_tokens=30, temperature=0.0, min_tokens=30),
+        GenerationOptions(max_tokens=24, temperature=0.0, stop=("Paris",)),
+    ]
+    for options in per_answer:
+        text = "".join(smol.stream_prompt(prompt, options))
+        stats = smol.last_stats
+        assert stats is not None and stats.cache_note == "", options
+        assert stats.cached_tokens == n - 2, options  # all but the two tokens always appended
+        assert text == fresh(smol, prompt, options), options
+    # A seed reproduces a sampled answer on the live generator too.
+    assert "".join(smol.stream_prompt(prompt, sampled)) == "".join(smol.stream_prompt(prompt, sampled))
+    # And it does sample: other seeds, other answers (deterministic: the seeds are fixed).
+    others = {"".join(smol.stream_prompt(prompt, replace(sampled, seed=s))) for s in (12, 13, 14)}
+    assert len(others | {"".join(smol.stream_prompt(prompt, sampled))}) >= 3
+
+
+def test_min_tokens_and_penalties_act_on_the_live_generator(smol: Engine) -> None:
+    smol.session.reset()
+    prompt = smol.format_prompt([{"role": "user", "content": "Reply with one word: yes or no?"}])
+    short = GenerationOptions(max_tokens=60, temperature=0.0)
+    "".join(smol.stream_prompt(prompt, short))
+    assert smol.last_stats is not None and smol.last_stats.generated_tokens < 20
+    "".join(smol.stream_prompt(prompt, GenerationOptions(max_tokens=60, temperature=0.0, min_tokens=40)))
+    assert smol.last_stats.generated_tokens >= 40 and smol.last_stats.cached_tokens > 0
+    # And they are gone again for the next answer on the same generator.
+    "".join(smol.stream_prompt(prompt, short))
+    assert smol.last_stats.generated_tokens < 20
+
+
+@pytest.mark.parametrize(
+    ("options", "note"),
+    [
+        (GenerationOptions(max_tokens=8, num_beams=2), "beam search"),
+        (GenerationOptions(max_tokens=8, regex="(yes|no)"), "an output constraint"),
+    ],
+)
+def test_what_needs_a_fresh_generator_falls_back_and_says_so(
+    smol: Engine, options: GenerationOptions, note: str
+) -> None:
+    smol.session.reset()
+    prompt = smol.format_prompt([{"role": "user", "content": "Is Paris in France?"}])
+    "".join(smol.stream_prompt(prompt, GREEDY))
+    text = "".join(smol.stream_prompt(prompt, options))
+    stats = smol.last_stats
+    assert stats is not None and stats.cache_note == note and stats.cached_tokens == 0
+    assert "not cached: " + note in stats.line() and stats.to_dict()["cache_note"] == note
+    assert text == fresh(smol, prompt, options)
+    # The session comes back: the next plain answer builds a cache, the one after reuses it.
+    "".join(smol.stream_prompt(prompt, GREEDY))
+    "".join(smol.stream_prompt(prompt, GREEDY))
+    assert smol.last_stats is not None and smol.last_stats.cached_tokens > 0
+
+
+def test_overflow_drops_half_the_history_and_keeps_the_system_prompt_cached(phi3_bundle: Path) -> None:
+    engine = load(phi3_bundle, store=Store(phi3_bundle.parent / "overflow-store"), context=256)
+    chat = Conversation(engine, system=SYSTEM)
+    opts = GenerationOptions(max_tokens=12, temperature=0.0)
+    system_tokens = engine.count_tokens(engine.format_prompt([{"role": "system", "content": SYSTEM}]))
+    drops, cached_after_drop = 0, []
+    for i in range(24):
+        before = chat.dropped
+        answer = "".join(chat.ask(f"Question {i}: tell me about the waves and the tides.", opts))
+        stats = engine.last_stats
+        assert stats is not None and stats.prompt_tokens + 12 <= 256
+        prompt = engine.format_prompt(chat._all()[0][:-1])
+        assert answer == fresh(engine, prompt, opts), f"turn {i}"
+        if chat.dropped > before:
+            drops += 1
+            cached_after_drop.append(stats.cached_tokens)
+            assert chat.dropped - before >= 2  # half the history at once, not one exchange
+        chat.settle()
+    assert drops >= 2
+    assert drops <= 24 // 3  # the expensive re-prefill comes once every several turns
+    # The system prompt's cached prefix survived each drop (all but the template's last tokens).
+    assert all(c >= system_tokens - 8 for c in cached_after_drop), (cached_after_drop, system_tokens)
+
+
+@pytest.fixture(scope="module")
+def served(smol: Engine) -> Iterator[tuple[ModelServer, openai.OpenAI]]:
+    server = ModelServer(smol, ServerConfig(model_name=smol.model_name, port=0, slots=2))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    yield server, client
+    server.shutdown()
+    thread.join(timeout=30)
+
+
+def test_server_slots_reuse_resent_history_and_answer_as_fresh(
+    served: tuple[ModelServer, openai.OpenAI], smol: Engine
+) -> None:
+    server, client = served
+    for slot in server.slots:
+        slot.reset()
+    conversations: list[list[dict[str, str]]] = [
+        [{"role": "system", "content": SYSTEM}],
+        [{"role": "system", "content": "You answer every question about rivers, briefly."}],
+    ]
+    cached: list[list[int]] = [[], []]
+    for turn in range(3):
+        for c, history in enumerate(conversations):  # two clients, interleaved
+            history.append({"role": "user", "content": QUESTIONS[turn]})
+            out = client.chat.completions.create(
+                model=smol.model_name,
+                messages=history,
+                max_tokens=16,
+                temperature=0,  # type: ignore[arg-type]
+            )
+            text = out.choices[0].message.content or ""
+            assert out.usage is not None and out.usage.prompt_tokens_details is not None
+            cached[c].append(out.usage.prompt_tokens_details.cached_tokens or 0)
+            with server._gate:  # the reference runs where no request can interleave
+                assert text == fresh(smol, smol.format_prompt(history), GenerationOptions(16, 0.0))
+            history.append({"role": "assistant", "content": text})
+    # Each client found its own slot again: its whole previous exchange was cached.
+    for c in range(2):
+        assert cached[c][0] == 0 and cached[c][1] > 30 and cached[c][2] > cached[c][1], cached
+
+
+def test_server_stream_cut_by_the_client_keeps_the_slot_consistent(
+    served: tuple[ModelServer, openai.OpenAI], smol: Engine
+) -> None:
+    server, client = served
+    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[0]}]
+    stream = client.chat.completions.create(
+        model=smol.model_name,
+        messages=history,
+        max_tokens=200,
+        temperature=0,
+        stream=True,  # type: ignore[arg-type]
+    )
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    history.append({"role": "assistant", "content": "Paris is the capital."})
+    history.append({"role": "user", "content": QUESTIONS[1]})
+    out = client.chat.completions.create(
+        model=smol.model_name,
+        messages=history,
+        max_tokens=16,
+        temperature=0,  # type: ignore[arg-type]
+    )
+    assert out.usage is not None and out.usage.prompt_tokens_details is not None
+    assert (out.usage.prompt_tokens_details.cached_tokens or 0) > 20
+    with server._gate:
+        assert out.choices[0].message.content == fresh(
+            smol, smol.format_prompt(history), GenerationOptions(16, 0.0)
+        )
