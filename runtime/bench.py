@@ -19,6 +19,7 @@ from typing import Any
 from edgephi.runtime.engine import Engine
 from edgephi.runtime.errors import ConfigError
 from edgephi.runtime.options import GenerationOptions
+from edgephi.runtime.session import Session
 
 FILLER = "The quick brown fox jumps over the lazy dog while the sea rolls in. "
 
@@ -96,12 +97,14 @@ def run(engine_factory: Any, *, prompt_tokens: int = 128, tokens: int = 64, runs
     options = GenerationOptions(max_tokens=tokens, min_tokens=tokens, temperature=0.0)
     if engine.count_tokens(prompt) + tokens > engine.context:
         raise ConfigError(f"{prompt_tokens} + {tokens} tokens do not fit the {engine.context}-token context")
-    "".join(engine.stream_prompt(prompt, options))  # warm-up: first-run allocations are not the steady state
+    # A one-shot session, as `edge-run -p` answers: its KV cache sized for this answer.
+    session = Session(engine, one_shot=True)
+    "".join(engine.stream_prompt(prompt, options, session=session))  # warm-up: first-run allocations
     ttft, decode = [], []
     for _ in range(runs):
         # The same prompt again would come from the KV cache: time a cold prefill.
-        engine.session.reset()
-        "".join(engine.stream_prompt(prompt, options))
+        session.reset()
+        "".join(engine.stream_prompt(prompt, options, session=session))
         stats = engine.last_stats
         assert stats is not None
         ttft.append(stats.ttft_s)

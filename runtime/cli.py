@@ -26,6 +26,7 @@ from edgephi.runtime.engine import Engine
 from edgephi.runtime.errors import ConfigError, EdgeError
 from edgephi.runtime.images import Image, image_tokens, load_image
 from edgephi.runtime.options import GenerationOptions
+from edgephi.runtime.session import Session
 from edgephi.runtime.store import Store
 
 PROG = "edge-run"
@@ -196,12 +197,13 @@ def run(
             raise ConfigError(
                 "stdin was empty", hint="give a prompt with -p, pipe one in, or run on a terminal to chat"
             )
-    conversation = Conversation(engine, system=system)
     printer = _json_answer if as_json else _answer
     if prompt is not None:
-        printer(conversation, prompt, options, stats, pictures)
+        # One answer and exit: a KV cache for that answer, not for a conversation to come.
+        single = Conversation(engine, system=system, session=Session(engine, one_shot=True))
+        printer(single, prompt, options, stats, pictures)
         return
-    _chat(conversation, options, stats, printer, pictures)
+    _chat(Conversation(engine, system=system), options, stats, printer, pictures)
 
 
 Printer = Callable[[Conversation, str, GenerationOptions, bool, Sequence[Image]], None]
@@ -411,15 +413,24 @@ def serve(
     """Serve the model over an OpenAI-compatible HTTP API until SIGTERM or Ctrl-C."""
     from edgephi.runtime import server
 
+    if slots is not None:
+        # Checked from the bundle's header, before anything is unpacked or loaded.
+        planned = loader.plan(
+            bundle,
+            context=context,
+            memory_budget=memory.parse_size(memory_budget) if memory_budget else None,
+            insecure_skip_verify=insecure_skip_verify,
+            store=Store(store) if store else None,
+        )
+        if slots > planned.kv_caches(slots):
+            raise ConfigError(
+                f"--slots {slots} needs {slots} KV caches of {planned.max_length} tokens; "
+                f"the memory budget holds {planned.kv_caches(slots)}",
+                hint="ask for fewer slots, a smaller --context, or a larger --memory-budget",
+            )
     engine = _load(bundle, store, threads, context, memory_budget, insecure_skip_verify)
     name = engine.model_name
-    fit = engine.plan.kv_caches(max(slots or 0, memory.MAX_KV_CACHES)) if engine.plan is not None else 1
-    if slots is not None and slots > fit:
-        raise ConfigError(
-            f"--slots {slots} needs {slots} KV caches of {engine.context} tokens; "
-            f"the memory budget holds {fit}",
-            hint="ask for fewer slots, a smaller --context, or a larger --memory-budget",
-        )
+    fit = engine.plan.kv_caches() if engine.plan is not None else 1
     config = server.ServerConfig(
         model_name=name,
         host=host,
@@ -429,7 +440,10 @@ def serve(
         max_tokens_default=max_tokens,
         slots=slots or fit,
     )
-    server.serve(engine, config, ready=lambda s: console.info(f"serving {name} on {s.url}/v1 (Ctrl-C stops)"))
+    caches = f"{config.slots} conversation cache{'s' if config.slots > 1 else ''}"
+    server.serve(
+        engine, config, ready=lambda s: console.info(f"serving {name} on {s.url}/v1, {caches} (Ctrl-C stops)")
+    )
 
 
 @app.command()

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgephi.runtime import sandbox
 from edgephi.runtime.errors import BadImage, ConfigError, ContextOverflow, GenerationError
@@ -32,9 +32,10 @@ from edgephi.runtime.genai import default_threads, og, open_model
 from edgephi.runtime.images import Image, load_image
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.sampling import SearchDefaults
-from edgephi.runtime.session import Request, Session, Stats, StopMatcher
+from edgephi.runtime.session import Request, Session, Stats
 
-__all__ = ["Completion", "Engine", "Stats", "StopMatcher", "default_threads", "open_model"]
+if TYPE_CHECKING:
+    from edgephi.runtime.chat import Conversation
 
 Message = dict[str, str]
 LogitsHook = Callable[[list[int], Any], Any]
@@ -296,6 +297,12 @@ class Engine:
                 adapters.load(str(self.model_dir / "adapters" / f"{n}.onnx_adapter"), n)
             self._adapters = adapters
         generator.set_active_adapter(self._adapters, name)
+
+    def chat(self, system: str | None = None) -> Conversation:
+        """A conversation that keeps its history, answered from this engine's KV cache."""
+        from edgephi.runtime.chat import Conversation
+
+        return Conversation(self, system=system)
 
     def generate(
         self,

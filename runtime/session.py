@@ -223,10 +223,16 @@ def common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
 
 
 class Session:
-    """One generator and the token ids its KV cache holds. One answer at a time."""
+    """One generator and the token ids its KV cache holds. One answer at a time.
 
-    def __init__(self, engine: Engine) -> None:
+    ``one_shot`` sizes the generator for the answer at hand instead of the whole context
+    (``edge-run -p``: no next turn will come, so no memory is taken for one).
+    """
+
+    def __init__(self, engine: Engine, *, one_shot: bool = False) -> None:
         self.engine = engine
+        self.one_shot = one_shot
+        self._capacity = 0  # the generator's max_length: its KV buffer, allocated and zeroed once
         self.last_stats: Stats | None = None
         self._generator: Any = None
         self._params: Any = None  # kept alive: og reads the penalties from it on every step
@@ -257,7 +263,7 @@ class Session:
         if self._generator is None:
             return 0
         # At least two tokens are appended: a one-token run computes other values.
-        p = common_prefix(self._ids, ids, min(self._exact, len(ids) - 2))
+        p = common_prefix(self._ids, ids, max(0, min(self._exact, len(ids) - 2)))
         if p and self._factor(len(ids)) != self._long:
             return 0  # the cached positions used the other RoPE factors
         return p
@@ -271,35 +277,34 @@ class Session:
     # --- the generator -----------------------------------------------------------------
 
     def reset(self) -> None:
-        """Forget the cache and free the generator's memory."""
+        """Forget the cache and free the generator's memory (a stream still open stops)."""
+        self.wait()
         self._claim()
         self._active = False
         self._release()
 
-    def close(self) -> None:
-        """Stop any background settling and free the generator (the chat's exit)."""
-        self.reset()
-
     def _release(self) -> None:
         self._generator = self._params = None
+        self._capacity = 0
         self._adapter = None
         self._ids, self._exact, self._long = [], 0, None
 
-    def _live(self, adapter: str | None) -> Any:
-        """The session's generator, made for ``adapter`` (og cannot switch a live one)."""
-        if self._generator is not None and self._adapter == adapter:
+    def _live(self, adapter: str | None, need: int) -> Any:
+        """The session's generator, made for ``adapter`` (og cannot switch a live one) and
+        holding ``need`` tokens."""
+        if self._generator is not None and self._adapter == adapter and self._capacity >= need:
             return self._generator
         self._release()
         genai = og()
         params = genai.GeneratorParams(self.engine._model)
+        capacity = need if self.one_shot else self.engine.context
         # Greedy in og, always: a sampled answer picks its tokens in Python (sampling.py).
-        params.set_search_options(
-            max_length=self.engine.context, do_sample=False, num_beams=1, **NEUTRAL.og_options(0)
-        )
+        params.set_search_options(max_length=capacity, do_sample=False, num_beams=1, **NEUTRAL.og_options(0))
         generator = genai.Generator(self.engine._model, params)
         if adapter is not None:
             self.engine._activate(generator, adapter)
         self._generator, self._params, self._adapter = generator, params, adapter
+        self._capacity = capacity
         return generator
 
     def _claim(self) -> int:
@@ -404,7 +409,7 @@ class Session:
         sampler = Sampler.resolve(run.options, defaults)
         penalties = Penalties.resolve(run.options, defaults)
         try:
-            generator = self._live(run.options.adapter)
+            generator = self._live(run.options.adapter, run.max_length)
             p = self.reusable(ids)
             # Forget what the rewind overwrites before touching og, so an interrupt leaves the
             # bookkeeping on the safe side.
@@ -414,10 +419,10 @@ class Session:
                     generator.rewind_to(p)
                 except Exception:  # og refuses some rewinds (a sliding window that evicted)
                     self._release()
-                    generator, p = self._live(run.options.adapter), 0
+                    generator, p = self._live(run.options.adapter, run.max_length), 0
             self._ids = self._ids[:p]
             generator.append_tokens(_array(ids[p:]))
-            self._ids, self._exact, self._long = ids, len(ids), self._factor(len(ids))
+            self._ids, self._exact, self._long = list(ids), len(ids), self._factor(len(ids))
             run.cached = p
             # Greedy: og applies the penalties itself, read from the live parameters each step.
             live = penalties.og_options(len(ids)) if sampler is None else NEUTRAL.og_options(0)
@@ -430,10 +435,10 @@ class Session:
             raise GenerationError(f"generation failed after {run.generated} tokens: {exc}") from None
         finally:
             if self._turn == turn and self._generator is not None:
-                self._sync(run)
+                self._sync()
             self._finish(run, turn)
 
-    def _sync(self, run: Run) -> None:
+    def _sync(self) -> None:
         """Take the generator's sequence as it is after an answer, finished or not."""
         try:
             self._ids = [int(t) for t in self._generator.get_sequence(0)]

@@ -267,14 +267,18 @@ def worker(kind: str, path: str, ids: list[int], tokens: int, threads: int) -> d
     else:  # our runtime, from the bundle, as a user runs it
         from edgephi.runtime import load
         from edgephi.runtime.options import GenerationOptions
+        from edgephi.runtime.session import Session
 
         engine = load(Path(path), insecure_skip_verify=True, threads=threads)
         prompt = engine._tokenizer.decode(ids)
         options = GenerationOptions(max_tokens=tokens, min_tokens=tokens, temperature=0.0)
 
+        # Sized for one answer, as llama.cpp's n_ctx is here (and as `edge-run -p` runs).
+        session = Session(engine, one_shot=True)
+
         def once() -> tuple[float, float]:
-            engine.session.reset()  # a cold prefill, as the other contestants' runs are
-            "".join(engine.stream_prompt(prompt, options))
+            session.reset()  # a cold prefill, as the other contestants' runs are
+            "".join(engine.stream_prompt(prompt, options, session=session))
             stats = engine.last_stats
             assert stats is not None
             return stats.ttft_s, stats.decode_tokens_per_s

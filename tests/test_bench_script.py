@@ -193,3 +193,40 @@ def test_alternating_rotates_the_order_round_by_round() -> None:
         ["c", "a", "b"],
         ["a", "b", "c"],
     ]
+
+
+# --- scripts/bench_conversation and the shared benchmarks page ---------------------------------
+
+
+def test_questions_grow_to_the_asked_size_and_differ_per_turn() -> None:
+    import bench_conversation as conv
+
+    def words(text: str) -> int:
+        return len(text.split())
+
+    first, second = conv.question(0, 170, words), conv.question(1, 170, words)
+    assert 170 <= words(first) < 170 + max(words(s) for s in conv.SENTENCES)
+    assert first != second and first.startswith("Question 1.") and second.startswith("Question 2.")
+    assert conv.question(0, 170, words) == first  # seeded: the same every run
+
+
+def test_turn_ratios_and_per_turn_medians() -> None:
+    import bench_conversation as conv
+
+    assert conv.turn_ratios([0.2, 0.3, 0.3, 0.4]) == (pytest.approx(2.0), pytest.approx(0.4 / 0.3))
+    with pytest.raises(ValueError):
+        conv.turn_ratios([0.2])
+    assert conv.per_turn_median([[1.0, 5.0], [3.0, 4.0], [2.0, 9.0]]) == [2.0, 5.0]
+
+
+def test_benchmark_sections_survive_a_rewrite_of_the_page() -> None:
+    import docsection
+
+    page = docsection.replace("# Benchmarks\n\nold table\n", "conversations", "## Conversations\nv1\n")
+    assert page.endswith("<!-- begin conversations -->\n## Conversations\nv1\n<!-- end conversations -->\n")
+    again = docsection.replace(page, "conversations", "## Conversations\nv2")
+    assert "v1" not in again and again.count("<!-- begin conversations -->") == 1
+    rewritten = docsection.keep(again, "# Benchmarks\n\nnew table\n")
+    assert rewritten.startswith("# Benchmarks\n\nnew table\n") and "## Conversations\nv2\n" in rewritten
+    assert "old table" not in rewritten
+    assert docsection.keep(rewritten, rewritten) == rewritten

@@ -8,6 +8,8 @@ options that change per answer, through the chat, the Python API and the server.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -83,7 +85,7 @@ def test_chat_from_the_cache_answers_as_a_fresh_generator(model: str, request: p
 
 def test_settling_takes_in_the_answer(smol: Engine) -> None:
     smol.session.reset()
-    chat = Conversation(smol, system=SYSTEM)
+    chat = smol.chat(system=SYSTEM)
     "".join(chat.ask(QUESTIONS[0], GenerationOptions(max_tokens=24, min_tokens=24, temperature=0.0)))
     answered = smol.last_stats
     assert answered is not None and answered.generated_tokens == 24
@@ -287,3 +289,37 @@ def test_server_stream_cut_by_the_client_keeps_the_slot_consistent(
         assert out.choices[0].message.content == fresh(
             smol, smol.format_prompt(history), GenerationOptions(16, 0.0)
         )
+
+
+def test_phi3_long_rope_positions_are_never_mixed(phi3_bundle: Path, tmp_path: Path) -> None:
+    """Phi-3's long-RoPE factors switch past 4096 tokens: a cache written before the switch is
+    not reused for a prompt past it, and answers still equal a fresh generator's."""
+    engine = load(phi3_bundle, store=Store(tmp_path / "store"), context=4600)
+    assert engine.rope_switch == 4096
+    words = "the tide comes in and the tide goes out over the sand "
+    opts = GenerationOptions(max_tokens=8, temperature=0.0)
+
+    def prompt(repeats: int) -> str:
+        return engine.format_prompt([{"role": "user", "content": words * repeats}])
+
+    short = next(r for r in range(100, 1000, 10) if engine.count_tokens(prompt(r)) > 3800)
+    long = next(r for r in range(short, 1000, 5) if engine.count_tokens(prompt(r)) > 4200)
+    for repeats, reused in ((short, False), (short + 5, True), (long, False), (long + 5, True)):
+        text = "".join(engine.stream_prompt(prompt(repeats), opts))
+        stats = engine.last_stats
+        assert stats is not None and (stats.cached_tokens > 3000) == reused, (repeats, stats)
+        assert text == fresh(engine, prompt(repeats), opts), repeats
+        engine.session.settle()
+
+
+def test_serve_refuses_more_slots_than_memory_holds(smollm2_bundle: Path) -> None:
+    edge_run = str(Path(sys.executable).with_name("edge-run"))
+    out = subprocess.run(
+        [edge_run, "serve", str(smollm2_bundle), "--slots", "4", "--memory-budget", "420M", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2  # an option that cannot be honoured
+    [line] = out.stderr.strip().splitlines()
+    assert "--slots 4 needs 4 KV caches" in line and "the memory budget holds 1" in line

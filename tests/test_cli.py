@@ -104,6 +104,9 @@ class Terminal:
     def prompt_tokens(self) -> list[int]:
         return [int(n) for n in re.findall(rb"\[(\d+) prompt tokens", self.seen)]
 
+    def cached_tokens(self) -> list[int]:
+        return [int(n) for n in re.findall(rb"prompt tokens \((\d+) cached\)", self.seen)]
+
 
 def test_interactive_chat_on_a_terminal(phi3_bundle: Path) -> None:
     term = Terminal([*exe("edge-run"), str(phi3_bundle), "-n", "6", "-t", "0", "--stats"])
@@ -116,6 +119,9 @@ def test_interactive_chat_on_a_terminal(phi3_bundle: Path) -> None:
     assert term.close() == 0
     first, second = term.prompt_tokens()
     assert second > first + 6  # the second prompt carries the first exchange
+    # ... which the KV cache already held: all of the first prompt at least came from it.
+    cold, warm = term.cached_tokens()
+    assert cold == 0 and warm >= first - 2
 
 
 def test_corrupt_bundle_is_refused_in_one_line(phi3_bundle: Path, tmp_path: Path) -> None:

@@ -268,3 +268,36 @@ def test_int8_kv_cache_target_builds_and_plans_smaller(target_bundle, store: Sto
         memory.plan(shape, requested=4096, budget=None).need
         < memory.plan(fp32, requested=4096, budget=None).need
     )
+
+
+LONG_CHAT = """
+import sys
+from pathlib import Path
+from edgephi.runtime import GenerationOptions, load
+engine = load(Path(sys.argv[1]), memory_budget=int(sys.argv[2]))
+chat = engine.chat(system="You are a patient guide to the sea.")
+options = GenerationOptions(max_tokens=24, min_tokens=24, temperature=0.0)
+cached = []
+for i in range(50):
+    "".join(chat.ask(f"Question {i}: tell me about the tides, the waves and the wind " * 3, options))
+    cached.append(engine.last_stats.cached_tokens)
+    chat.settle()
+status = Path("/proc/self/status").read_text()
+peak = next(int(l.split()[1]) * 1024 for l in status.splitlines() if l.startswith("VmHWM:"))
+print(peak, engine.plan.need, chat.dropped, sum(c > 0 for c in cached))
+"""
+
+
+def test_a_fifty_turn_chat_stays_within_its_memory_plan(smollm2_bundle: Path) -> None:
+    budget = 420 * MIB
+    out = subprocess.run(
+        [sys.executable, "-c", LONG_CHAT, str(smollm2_bundle), str(budget)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    peak, need, dropped, reused = (int(x) for x in out.stdout.split())
+    assert dropped >= 10  # the history overflowed the planned context many times
+    assert reused >= 45  # and the cache served nearly every turn
+    assert peak <= need <= budget, (peak, need)
