@@ -253,63 +253,54 @@ def _chat(
         f"Chatting with the model (context {engine.context} tokens). {CHAT_HELP}; Ctrl-C stops an answer."
     )
     try:
-        _turns(conversation, options, stats, printer, pending)
-    finally:
-        conversation.cache.wait()
-
-
-def _turns(
-    conversation: Conversation,
-    options: GenerationOptions,
-    stats: bool,
-    printer: Printer,
-    pending: list[Image],
-) -> None:
-    engine = conversation.engine
-    while True:
-        try:
-            text = input("> ").strip()
-        except EOFError:
-            console.info("")
-            return
-        except KeyboardInterrupt:
-            console.info("")
-            continue
-        if not text:
-            continue
-        if text in ("/exit", "/quit"):
-            return
-        if text == "/reset":
-            conversation.reset()
-            console.info("(conversation cleared)")
-            continue
-        if text == "/system" or text.startswith("/system "):
-            conversation.system = text[len("/system") :].strip() or None
-            console.info(f"(system message {'set' if conversation.system else 'removed'})")
-            continue
-        if engine.vision and text.startswith("/image"):
+        while True:
             try:
-                pending.append(load_image(Path(text[len("/image") :].strip())))
-                console.info(
-                    f"(image {pending[-1].name} will go with your next message, {pending[-1].tokens} tokens)"
-                )
+                text = input("> ").strip()
+            except EOFError:
+                console.info("")
+                return
+            except KeyboardInterrupt:
+                console.info("")
+                continue
+            if not text:
+                continue
+            if text in ("/exit", "/quit"):
+                return
+            if text == "/reset":
+                conversation.reset()
+                console.info("(conversation cleared)")
+                continue
+            if text == "/system" or text.startswith("/system "):
+                conversation.system = text[len("/system") :].strip() or None
+                console.info(f"(system message {'set' if conversation.system else 'removed'})")
+                continue
+            if engine.vision and text.startswith("/image"):
+                try:
+                    picture = load_image(Path(text[len("/image") :].strip()))
+                    pending.append(picture)
+                    console.info(
+                        f"(image {picture.name} will go with your next message, {picture.tokens} tokens)"
+                    )
+                except EdgeError as exc:
+                    console.info(console.error_line(PROG, exc))
+                continue
+            if text.startswith("/"):
+                console.info(CHAT_HELP + (f"; {IMAGE_HELP}" if engine.vision else ""))
+                continue
+            try:
+                shown, pending[:] = list(pending), []
+                printer(conversation, text, options, stats, shown)
             except EdgeError as exc:
+                # One turn that cannot be answered (too long, an unreadable picture) ends only that turn.
                 console.info(console.error_line(PROG, exc))
-            continue
-        if text.startswith("/"):
-            console.info(CHAT_HELP + (f"; {IMAGE_HELP}" if engine.vision else ""))
-            continue
-        try:
-            shown, pending[:] = list(pending), []
-            printer(conversation, text, options, stats, shown)
-        except EdgeError as exc:
-            # One turn that cannot be answered (too long, an unreadable picture) ends only that turn.
-            console.info(console.error_line(PROG, exc))
-        except KeyboardInterrupt:
-            # Ctrl-C stops this answer, not the chat.
-            console.info("\n(interrupted)")
-        # While the user reads and types, the cache takes in the answer (also a cut one).
-        conversation.settle(background=True)
+            except KeyboardInterrupt:
+                # Ctrl-C stops this answer, not the chat.
+                console.info("\n(interrupted)")
+            # While the user reads and types, the cache takes in the answer (also a cut one).
+            conversation.settle(background=True)
+    finally:
+        # Exit only once a background settle has stopped (after its current chunk).
+        conversation.cache.wait()
 
 
 @app.command("list")

@@ -9,15 +9,16 @@ library's threading HTTP server, so a device needs nothing more than the runtime
 * It listens on 127.0.0.1 unless told otherwise: a model on a device is not a public service.
 * One generation runs at a time and at most ``max_queue`` requests wait for it; more get
   503 with ``Retry-After``.
-* Each of ``slots`` sessions (one per KV cache the memory plan holds, at least one) keeps
-  its cache between requests. OpenAI clients resend the whole conversation every time; a
-  request goes to the slot whose cached tokens share the longest prefix with its prompt (of
-  those sharing nothing, the one used longest ago), so only what is new is computed, as
-  llama-server's ``cache_prompt`` does. Once a response is sent, its slot re-prefills what
-  the answer's decode steps wrote (``Session.settle``); a request that comes meanwhile waits
-  for one chunk of that at most. ``usage.prompt_tokens_details.cached_tokens`` says how many
-  prompt tokens came from the cache. A client that goes away mid-stream stops its answer;
-  the slot keeps what was computed.
+* Each of ``slots`` sessions (``edgephi.runtime.session``; as many as the memory plan holds
+  KV caches for) keeps its cache between requests. OpenAI clients resend the whole
+  conversation every time; a request goes to the slot whose cache shares the longest prefix
+  with its prompt, if that keeps more than half of the slot's cache, else to the slot used
+  longest ago (``session.pick``), so only what is new is computed, as llama-server's
+  ``cache_prompt`` does. Once a response is sent, its slot re-prefills what the answer's
+  decode steps wrote (``Session.settle``), under the gate, giving way after a chunk to a
+  request that waits. ``usage.prompt_tokens_details.cached_tokens`` says how many prompt
+  tokens came from the cache. A client that goes away mid-stream stops its answer; the slot
+  keeps what was computed.
 * Bodies over ``max_body`` bytes get 413, malformed JSON or options 400, an unknown model
   404; the error body is OpenAI's ``{"error": {"message", "type", "code"}}``.
 * SIGTERM/SIGINT stop accepting connections and let the requests in flight finish.
@@ -217,9 +218,10 @@ class ModelServer:
         self.engine, self.config = engine, config
         self.slots = [engine.session] + [Session(engine) for _ in range(config.slots - 1)]
         self._used = [0.0] * len(self.slots)
-        self._gate = threading.Lock()  # one generation at a time
+        self._gate = threading.Lock()  # one model run at a time: an answer, or a slot settling
         self._count_lock = threading.Lock()
         self._admitted = 0
+        self._waiting = 0  # requests waiting for the gate: a settle gives way to them
         server = self
 
         class Handler(_Handler):
@@ -263,7 +265,11 @@ class ModelServer:
         self, prompt: str, options: GenerationOptions, outcome: Outcome, images: list[Image]
     ) -> Generator[str, None, None]:
         """Stream under the gate in the best slot; the caller holds an admission."""
+        with self._count_lock:
+            self._waiting += 1
         with self._gate:
+            with self._count_lock:
+                self._waiting -= 1
             try:
                 start = time.perf_counter()
                 request = self.engine.prepare(prompt, images)
@@ -278,6 +284,11 @@ class ModelServer:
                 raise ApiError(400, str(exc), code="invalid_image") from None
             except ConfigError as exc:
                 raise ApiError(400, str(exc), code="invalid_value") from None
+
+    def settle(self, slot: Session) -> None:
+        """Once a response is out, its slot takes in the answer (see the module docstring)."""
+        with self._gate:
+            slot.settle(give_way=lambda: self._waiting > 0)
 
 
 @dataclass
@@ -411,7 +422,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.owner.release()
             if outcome.slot is not None:
                 # The response is out; the slot takes in the answer before the next request.
-                outcome.slot.settle()
+                self.owner.settle(outcome.slot)
 
     def _envelope(self, chat: bool, rid: str) -> dict[str, Any]:
         return {

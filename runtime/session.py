@@ -20,18 +20,21 @@ or as part of the next request. And no prompt tail shorter than two tokens is ap
 With that, an answer from the cache is token for token the answer from a fresh generator.
 
 What does not reuse. og fixes beam search and a JSON-schema/regex constraint when a
-generator is created, and cannot rewind a vision model's (phi3v) generator at all, with or
-without a picture in the prompt: those answers run on a
-generator of their own, made after the session's is released (still one KV cache in
-memory), and ``Stats.cache_note`` says why. og also fixes the sampling method and its random
-generator at creation, so a sampled answer picks its tokens in ``edgephi.runtime.sampling``.
+generator is created, and cannot rewind a vision model's (phi3v) generator at all: those
+answers run on a generator of their own, made after the session's is released (still one
+KV cache in memory). Another LoRA adapter changes every key and value, so nothing cached
+under the previous one serves: it gets a new session generator (the adapter is bound to it),
+whose cache the next answer with that adapter reuses.
+``Stats.cache_note`` says why an answer reused nothing. And og fixes the sampling method
+and its random generator at creation, so a sampled answer picks its tokens in
+``edgephi.runtime.sampling``.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
     from edgephi.runtime.engine import Engine, LogitsHook
 
 VISION_NOTE = "a vision model: og cannot rewind its generator"
+ADAPTER_NOTE = "another LoRA adapter: the cache holds the previous one's keys and values"
 # A server request takes a slot's cache only if it keeps more than this share of it.
 SIMILARITY = 0.5
 # Tokens per prefill while settling: a request that arrives waits for one chunk at most.
@@ -290,8 +294,7 @@ class Session:
         self._ids, self._exact, self._long = [], 0, None
 
     def _live(self, adapter: str | None, need: int) -> Any:
-        """The session's generator, made for ``adapter`` (og cannot switch a live one) and
-        holding ``need`` tokens."""
+        """The session's generator, made for ``adapter`` and holding ``need`` tokens."""
         if self._generator is not None and self._adapter == adapter and self._capacity >= need:
             return self._generator
         self._release()
@@ -409,6 +412,8 @@ class Session:
         sampler = Sampler.resolve(run.options, defaults)
         penalties = Penalties.resolve(run.options, defaults)
         try:
+            if self._generator is not None and self._adapter != run.options.adapter:
+                run.cache_note = ADAPTER_NOTE  # the next answer with this adapter reuses again
             generator = self._live(run.options.adapter, run.max_length)
             p = self.reusable(ids)
             # Forget what the rewind overwrites before touching og, so an interrupt leaves the
@@ -518,11 +523,12 @@ class Session:
 
     # --- settling ----------------------------------------------------------------------
 
-    def settle(self) -> int:
+    def settle(self, give_way: Callable[[], bool] | None = None) -> int:
         """Re-prefill what the last answer's decode steps wrote, so the next request reuses it.
 
-        Runs in chunks and stops after the current one when an answer starts. Returns the
-        tokens prefilled. Does nothing while an answer streams.
+        Runs in chunks and stops after the current one when an answer starts on this session
+        (or ``give_way()`` says so: the server's other slots). Returns the tokens prefilled.
+        Does nothing while an answer streams.
         """
         with self._lock:
             ids, start = self._ids, self._exact
@@ -535,7 +541,7 @@ class Session:
             try:
                 self._generator.rewind_to(start)
                 self._ids, self._exact = ids[:start], start
-                while start < len(ids) and not self._stop.is_set():
+                while start < len(ids) and not self._stop.is_set() and not (give_way and give_way()):
                     end = len(ids) if len(ids) - start < SETTLE_CHUNK + 2 else start + SETTLE_CHUNK
                     self._generator.append_tokens(_array(ids[start:end]))
                     self._ids, self._exact, self._long = ids[:end], end, self._factor(end)

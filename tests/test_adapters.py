@@ -15,6 +15,7 @@ from edgephi.runtime.engine import Engine
 from edgephi.runtime.errors import ConfigError
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.server import ModelServer, ServerConfig
+from edgephi.runtime.session import ADAPTER_NOTE
 from edgephi.runtime.store import Store
 from typer.testing import CliRunner
 
@@ -69,6 +70,12 @@ def test_an_adapter_changes_the_output_and_switching_back_restores_it(
     assert len({base, formal, pirate}) == 3
     assert engine.generate(HI, greedy()).text == base
     assert engine.generate(HI, greedy("formal")).text == formal
+    # Another adapter needs a new generator: the answer says so; the same adapter then reuses it.
+    longer = [{"role": "user", "content": "Hello there, how are the ships and the sailors today?"}]
+    first = engine.generate(longer, greedy("pirate"))
+    assert first.stats.cache_note == ADAPTER_NOTE and first.stats.cached_tokens == 0
+    same = engine.generate(longer, greedy("pirate"))
+    assert same.text == first.text and same.stats.cache_note == "" and same.stats.cached_tokens > 0
     # With no adapter active the model is the plain base model.
     plain = load(target_bundle("cpu"), store=Store(tmp_path / "s"))
     assert plain.generate(HI, greedy()).text == base
