@@ -534,15 +534,16 @@ class Session:
             ids, start = self._ids, self._exact
             if self._active or self._generator is None or start >= len(ids):
                 return 0
-            if start and self._factor(len(ids)) != self._long:
-                return 0  # would mix RoPE factors; the next request re-prefills it all
             start = min(start, max(0, len(ids) - 2))
+            final = self._factor(len(ids))
+            if self._factor(self._chunk_end(start, len(ids))) != final or (start and self._long != final):
+                return 0  # chunks would mix RoPE factors; the next request prefills it in one run
             done = 0
             try:
                 self._generator.rewind_to(start)
                 self._ids, self._exact = ids[:start], start
                 while start < len(ids) and not self._stop.is_set() and not (give_way and give_way()):
-                    end = len(ids) if len(ids) - start < SETTLE_CHUNK + 2 else start + SETTLE_CHUNK
+                    end = self._chunk_end(start, len(ids))
                     self._generator.append_tokens(_array(ids[start:end]))
                     self._ids, self._exact, self._long = ids[:end], end, self._factor(end)
                     done += end - start
@@ -550,6 +551,11 @@ class Session:
             except Exception:
                 self._release()  # a failed settle costs the cache, never a wrong answer
             return done
+
+    @staticmethod
+    def _chunk_end(start: int, length: int) -> int:
+        # A chunk of SETTLE_CHUNK, or all the rest if that would leave fewer than two tokens.
+        return length if length - start < SETTLE_CHUNK + 2 else start + SETTLE_CHUNK
 
     def settle_in_background(self) -> None:
         """``settle`` on a thread: the chat's prompt is back at once; the next answer waits

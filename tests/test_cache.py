@@ -310,6 +310,15 @@ def test_phi3_long_rope_positions_are_never_mixed(phi3_bundle: Path, tmp_path: P
         assert stats is not None and (stats.cached_tokens > 3000) == reused, (repeats, stats)
         assert text == fresh(engine, prompt(repeats), opts), repeats
         engine.session.settle()
+    # An answer that crosses the switch while decoding keeps nothing, and settling does not
+    # mix the factors either: the next prompt is computed whole, and still answers the same.
+    edge = max(r for r in range(short, long) if engine.count_tokens(prompt(r)) < 4090)
+    crossing = GenerationOptions(max_tokens=60, min_tokens=60, temperature=0.0)
+    "".join(engine.stream_prompt(prompt(edge), crossing))
+    assert engine.session.cached_ids == () and engine.session.settle() == 0
+    text = "".join(engine.stream_prompt(prompt(edge + 2), opts))
+    assert engine.last_stats is not None and engine.last_stats.cached_tokens == 0
+    assert text == fresh(engine, prompt(edge + 2), opts)
 
 
 def test_serve_refuses_more_slots_than_memory_holds(smollm2_bundle: Path) -> None:
