@@ -413,10 +413,11 @@ def serve(
             insecure_skip_verify=insecure_skip_verify,
             store=Store(store) if store else None,
         )
-        if slots > planned.kv_caches(slots):
+        holds = planned.kv_caches(slots)
+        if slots > holds:
             raise ConfigError(
                 f"--slots {slots} needs {slots} KV caches of {planned.max_length} tokens; "
-                f"the memory budget holds {planned.kv_caches(slots)}",
+                f"the memory budget holds {holds}",
                 hint="ask for fewer slots, a smaller --context, or a larger --memory-budget",
             )
     engine = _load(bundle, store, threads, context, memory_budget, insecure_skip_verify)

@@ -244,7 +244,7 @@ class Engine:
                 )
             inputs = self._process(prompt, images)
             ids = tuple(int(t) for t in inputs["input_ids"].as_numpy().reshape(-1))
-            request = Request(ids, inputs, len(images))
+            request = Request(ids, inputs)
         else:
             request = Request(tuple(int(t) for t in self._tokenizer.encode(prompt)))
         if request.n_prompt >= self.context:

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from edgephi.runtime.errors import ConfigError, ContextOverflow, EdgeError, GenerationError
+from edgephi.runtime.errors import ConfigError, EdgeError, GenerationError
 from edgephi.runtime.genai import og
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.sampling import NEUTRAL, Penalties, Sampler, forced, penalize
@@ -94,7 +94,6 @@ class Request:
 
     ids: tuple[int, ...]  # the prompt's token ids (a vision prompt's come from og's processor)
     inputs: Any = None  # a vision prompt's named tensors (ids, pixels, image sizes) for og
-    images: int = 0
 
     @property
     def n_prompt(self) -> int:
@@ -336,10 +335,6 @@ class Session:
         start = time.perf_counter() if start is None else start
         if logits_hook is not None and options.beam_search:
             raise ConfigError("a logits hook steers one sequence; use it with num_beams 1")
-        if request.n_prompt >= self.engine.context:
-            raise ContextOverflow(
-                f"the prompt is {request.n_prompt} tokens but the context holds {self.engine.context}"
-            )
         if options.adapter is not None:
             self.engine.check_adapter(options.adapter)
         run = Run(

@@ -21,6 +21,8 @@ import assets  # noqa: E402
 import tiny  # noqa: E402
 from edgephi import targets  # noqa: E402
 from edgephi.packager.config import BuildConfig  # noqa: E402
+from edgephi.runtime import load  # noqa: E402
+from edgephi.runtime.engine import Engine  # noqa: E402
 from edgephi.runtime.store import Store  # noqa: E402
 
 
@@ -83,6 +85,19 @@ def vision_bundle(vision_dir: Path, bundles_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_bundle(bundles_dir: Path) -> Path:
     return build_bundle(assets.smollm2_gguf(), bundles_dir / "smollm2.phi")
+
+
+# The two bundles loaded once per test module, each module with its own store.
+
+
+@pytest.fixture(scope="module")
+def phi(phi3_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    return load(phi3_bundle, store=Store(tmp_path_factory.mktemp("phi-store")))
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    return load(smollm2_bundle, store=Store(tmp_path_factory.mktemp("smol-store")))
 
 
 @pytest.fixture(scope="session")

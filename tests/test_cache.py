@@ -36,16 +36,6 @@ QUESTIONS = [
 SYSTEM = "You are a concise geography tutor. Answer in plain sentences, without lists or headings."
 
 
-@pytest.fixture(scope="module")
-def smol(smollm2_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Engine:
-    return load(smollm2_bundle, store=Store(tmp_path_factory.mktemp("cache-store")))
-
-
-@pytest.fixture(scope="module")
-def phi(phi3_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Engine:
-    return load(phi3_bundle, store=Store(tmp_path_factory.mktemp("cache-store-phi")))
-
-
 def fresh(engine: Engine, prompt: str, options: GenerationOptions) -> str:
     """The answer of a generator that has seen nothing before: what reuse must reproduce."""
     session = Session(engine)

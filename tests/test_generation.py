@@ -9,25 +9,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime_genai as og
 import pytest
-from edgephi.runtime import load
 from edgephi.runtime.engine import Engine
 from edgephi.runtime.errors import ConfigError
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.session import StopMatcher
-from edgephi.runtime.store import Store
 
 SEA = [{"role": "user", "content": "Tell me about the sea."}]
 GREEDY = GenerationOptions(max_tokens=12, temperature=0.0)
-
-
-@pytest.fixture(scope="module")
-def phi(phi3_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Engine:
-    return load(phi3_bundle, store=Store(tmp_path_factory.mktemp("gen-store")))
-
-
-@pytest.fixture(scope="module")
-def smol(smollm2_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Engine:
-    return load(smollm2_bundle, store=Store(tmp_path_factory.mktemp("gen-store2")))
 
 
 def sequence_logprob(engine: Engine, messages: list[dict[str, str]], text: str) -> float:
