@@ -1,17 +1,32 @@
 """The adapter around onnxruntime-genai's model builder — the only module that knows it.
 
-The builder runs as a child process (``python -m onnxruntime_genai.models.builder``): it
-imports torch and transformers, holds the whole checkpoint in memory and prints
-thousands of progress lines, and a child process gives all of that back when it exits
-and keeps its output in a log file. Our typed ``ExportRequest`` is the only way options
-reach it.
+The builder runs as a child process (``python -m edgephi.packager.builder``, which runs
+the builder's own ``__main__`` after ``_stage``): it imports torch and transformers,
+holds the whole checkpoint in memory and prints thousands of progress lines, and a child
+process gives all of that back when it exits and keeps its output in a log file. Our
+typed ``ExportRequest`` is the only way options reach it.
 
-Two builder habits are guarded against here:
+Builder habits guarded against here:
 
 * unknown ``--extra_options`` names are silently ignored, so every option name we pass
   is checked against the names the installed builder documents (``check_option_names``);
 * asymmetric INT4 with tied embeddings writes an invalid model unless
-  ``shared_embeddings=false``, so that is forced whenever ``symmetric`` is off.
+  ``shared_embeddings=false``, so that is forced whenever ``symmetric`` is off;
+* it asks for a stored hub token unless told ``hf_token=false``, so a public hub id
+  failed without a login: the token is asked for only when one is there to give;
+* sliding-window layers get a window-sized KV cache by default, which og refuses below
+  the window ("KV cache capacity must be at least local_window_size") and which refuses
+  ``rewind_to`` once it has evicted — and a conversation's cache lives on rewinds. So
+  every build keeps full-length caches (``windowed_kv_cache=false``): the attention still
+  masks to the window, any context runs, and the memory plan's per-token KV holds for
+  every layer;
+* configs as transformers 5 reads them, which the builder does not expect, are staged
+  in the child before the builder sees them (``stage_config``): per-layer-type
+  ``rope_parameters`` (Gemma 3); and SmolLM3's NoPE layers, for which og 0.18 asks for a
+  separate rotary op instead of none (``KeyError: 'position_ids'``), are built without
+  rotary (``_smollm3_nope``); OLMo's parameter-free LayerNorm, which og 0.18 builds as an
+  RMS norm with another epsilon, is built as the LayerNorm it is (``_olmo_layernorm``).
+  The family matrix (tests/test_families.py) checks each against transformers.
 """
 
 from __future__ import annotations
@@ -24,18 +39,19 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from edgephi.runtime.errors import BuildError, DependencyMissing
+from edgephi.runtime.errors import BuilderFailed, BuildError, DependencyMissing
 from edgephi.targets import ExecutionProvider, Precision
 
 BUILDER_MODULE = "onnxruntime_genai.models.builder"
+CHILD_MODULE = "edgephi.packager.builder"
 
 # Architectures (config.json "architectures"[0]) of text decoders we pack. The builder
 # knows more; these are the families edgephi is tested and supported on.
 SUPPORTED_ARCHITECTURES = (
     "Phi3ForCausalLM",
     "PhiForCausalLM",
-    "Phi3SmallForCausalLM",
     "LlamaForCausalLM",
     "MistralForCausalLM",
     "GemmaForCausalLM",
@@ -44,6 +60,8 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
     "SmolLM3ForCausalLM",
+    "GraniteForCausalLM",
+    "OlmoForCausalLM",
     # Phi-3(.5)-vision: the builder exports its text decoder, edgephi.packager.vision the rest.
     "Phi3VForCausalLM",
 )
@@ -63,6 +81,7 @@ OPTION_NAMES = (
     "nodes_to_exclude",
     "fuse_mlp_gate_up",
     "exclude_embeds",
+    "windowed_kv_cache",
 )
 CALIBRATION_MODULE = "onnxruntime_genai.models.quantization.kv_cache_calibration"
 KV_INT8_SCHEME = "int8_per_channel"
@@ -93,7 +112,7 @@ class ExportRequest:
     def extra_options(self) -> dict[str, str]:
         # Only the last position's logits are needed to generate; computing them for every
         # prompt token costs prompt length x vocabulary x 4 bytes (300 MB for SmolLM2 at 1.5k).
-        opts: dict[str, str] = {"prune_lm_head": "true"}
+        opts: dict[str, str] = {"prune_lm_head": "true", "windowed_kv_cache": "false"}
         if self.fuse_gate_up and self.adapter_path is None and not self.exclude_nodes:
             # One MatMul for the MLP's gate and up projections instead of two: the same
             # weights, one fewer kernel and activation quantisation per layer. On SmolLM2
@@ -119,12 +138,14 @@ class ExportRequest:
         if self.kv_scale_file is not None:
             opts["kv_cache_quant_scheme"] = KV_INT8_SCHEME
             opts["kv_cache_scale_file"] = str(self.kv_scale_file)
-        if self.source_is_local:
+        if self.source_is_local or not _have_hub_token():
+            # A local folder needs no token, and a public hub model downloads without one;
+            # a gated one then fails with the hub's own "gated" error (see ``_hint``).
             opts["hf_token"] = "false"
         return opts
 
     def argv(self) -> list[str]:
-        args = [sys.executable, "-m", BUILDER_MODULE]
+        args = [sys.executable, "-m", CHILD_MODULE]
         args += ["-i", self.source] if self.source_is_local else ["-m", self.source]
         args += [
             "-o",
@@ -197,7 +218,8 @@ def _run_logged(argv: list[str], log_path: Path, offline: bool, what: str) -> No
         log.flush()
         proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
     if proc.returncode != 0:
-        raise BuildError(f"{what} failed: {last_error_line(log_path)}")
+        line = last_error_line(log_path)
+        raise BuilderFailed(f"{what} failed: {line}", log=str(log_path), hint=_hint(line))
 
 
 def export(request: ExportRequest) -> None:
@@ -232,6 +254,18 @@ def calibrate_kv_cache(baseline_dir: Path, tokenizer: str, out: Path, log_path: 
     return out
 
 
+def _hint(line: str) -> str | None:
+    """What to do about a builder error, where its last line says more than "see the log"."""
+    if "GatedRepoError" in line or "gated repo" in line.lower():
+        return (
+            "the model is gated: accept its licence on huggingface.co, then run `hf auth login` "
+            "(or set HF_TOKEN) and build again"
+        )
+    if "couldn't connect to" in line or "offline mode" in line or "LocalEntryNotFoundError" in line:
+        return "the hub could not be reached: check the network, or download the model and give its folder"
+    return None
+
+
 def last_error_line(log_path: Path) -> str:
     """The most telling line of a builder log: the final exception, else the last line."""
     try:
@@ -243,3 +277,90 @@ def last_error_line(log_path: Path) -> str:
         if re.match(r"^[A-Za-z_.]*(Error|Exception)\b.*:", line):
             return line[:400]
     return lines[-1][:400] if lines else "(empty log)"
+
+
+def _have_hub_token() -> bool:
+    """Whether a Hugging Face token is set (``HF_TOKEN``) or stored (``hf auth login``)."""
+    try:
+        from huggingface_hub import get_token
+    except ImportError:
+        return bool(os.environ.get("HF_TOKEN"))
+    return get_token() is not None
+
+
+# --- in the builder's child process -------------------------------------------------------
+
+_LAYER_KINDS = ("full_attention", "sliding_attention")
+
+
+def stage_config(config: Any) -> Any:
+    """Give the builder a transformers config in the form its family code reads.
+
+    transformers 5 reads Gemma 3's rope settings, in either checkpoint form, as one
+    ``rope_parameters`` entry per layer type; the builder's Gemma 3 path wants the
+    global ones flat (``rope_type``, ``rope_theta``) and the local base as
+    ``rope_local_base_freq``. Returns ``config``, changed in place.
+    """
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict) and params and set(params) <= set(_LAYER_KINDS):
+        full = dict(params.get("full_attention") or params["sliding_attention"])
+        local = params.get("sliding_attention") or full
+        config.rope_parameters = full
+        config.rope_theta = full["rope_theta"]
+        if getattr(config, "rope_local_base_freq", None) is None:
+            config.rope_local_base_freq = local["rope_theta"]
+    return config
+
+
+def _smollm3_nope(model_cls: Any) -> None:
+    """Build SmolLM3's NoPE layers (``no_rope_layers[i] == 0``) without any rotary op."""
+    make_attention = model_cls.make_attention
+
+    def patched(self: Any, layer_id: int, *args: Any, **kwargs: Any) -> Any:
+        if self.no_rope_layers[layer_id]:
+            return make_attention(self, layer_id, *args, **kwargs)
+        rope = self.attention_attrs["rope"]
+        self.attention_attrs["rope"] = False
+        try:
+            return make_attention(self, layer_id, *args, **kwargs)
+        finally:
+            self.attention_attrs["rope"] = rope
+
+    model_cls.make_attention = patched
+
+
+def _olmo_layernorm(model_cls: Any) -> None:
+    """Build OLMo's norms as transformers' ``OlmoLayerNorm``: mean-centred, epsilon 1e-5."""
+    init = model_cls.__init__
+
+    def patched(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self.layernorm_attrs["simple"] = False
+        self.layernorm_attrs["epsilon"] = 1e-5
+
+    model_cls.__init__ = patched
+
+
+def _stage() -> None:
+    import runpy
+
+    import onnxruntime_genai.models  # noqa: F401  (puts the builder's own folder on sys.path)
+
+    # The builder imports its family classes as top-level ``builders.*``; patch those.
+    from builders.olmo import OLMoModel  # type: ignore[import-not-found]
+    from builders.smollm import SmolLM3Model  # type: ignore[import-not-found]
+    from transformers import AutoConfig
+
+    load = AutoConfig.from_pretrained
+
+    def staged(*args: Any, **kwargs: Any) -> Any:
+        return stage_config(load(*args, **kwargs))
+
+    AutoConfig.from_pretrained = staged  # type: ignore[method-assign]
+    _smollm3_nope(SmolLM3Model)
+    _olmo_layernorm(OLMoModel)
+    runpy.run_module(BUILDER_MODULE, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    _stage()

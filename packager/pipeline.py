@@ -21,7 +21,9 @@ The steps, each a function from inputs to outputs inside one work directory:
    and read it back (``packager.writer``).
 
 Nothing is written at the output path unless every step succeeded; the work directory is
-removed afterwards (kept with ``keep_workdir`` for debugging).
+removed afterwards (kept with ``keep_workdir`` for debugging). When the model builder
+itself fails, its log is kept beside the output (``model.phi.build.log``) and the error
+names it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import dataclasses
 import datetime as _dt
 import importlib.metadata
 import json
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +42,7 @@ from typing import Any
 from edgephi.packager import adapters, builder, finalize, optimize, sources, validate, vision, writer
 from edgephi.packager.config import QUANT_RECIPES, BuildConfig
 from edgephi.runtime.bundle import MIN_RUNTIME
-from edgephi.runtime.errors import BuildError
+from edgephi.runtime.errors import BuilderFailed, BuildError
 from edgephi.runtime.fsutil import remove_tree
 from edgephi.runtime.manifest import Manifest
 from edgephi.runtime.signing import SigningKey
@@ -136,13 +139,29 @@ def build(config: BuildConfig, progress: Progress = lambda _msg: None) -> BuildR
     # is often a small RAM disk while a dequantised checkpoint is several GB.
     config.output.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=".edgepack-", dir=config.output.parent))
+    kept_log = failure_log_path(config.output)
     try:
-        return _build_in(config, source, keys, workdir, progress)
+        result = _build_in(config, source, keys, workdir, progress)
+    except BuilderFailed as exc:
+        # The work directory goes; the builder's own account of the failure stays.
+        shutil.copyfile(exc.log, kept_log)
+        hint = f"{exc.hint}; " if exc.hint and exc.hint != BuildError.hint else ""
+        raise BuildError(
+            str(exc), hint=f"{hint}its full log is {kept_log}; nothing else was written"
+        ) from None
+    else:
+        kept_log.unlink(missing_ok=True)  # the log of an earlier failed attempt at this output
+        return result
     finally:
         if config.keep_workdir:
             progress(f"work directory kept: {workdir}")
         else:
             remove_tree(workdir)
+
+
+def failure_log_path(output: Path) -> Path:
+    """Where a failed build of ``output`` leaves the builder's log: ``model.phi.build.log``."""
+    return output.with_name(output.name + ".build.log")
 
 
 def _check_vision(config: BuildConfig, source: sources.Source) -> None:

@@ -64,13 +64,24 @@ class NotAModel(SourceError):
 
 
 class UnsupportedArchitecture(SourceError):
-    hint = "pick a model of a supported family (Phi, Llama, Mistral, Gemma, Qwen)"
+    hint = 'pick a model of a family listed above (README: "Model families" says what each was checked on)'
 
 
 class BuildError(EdgeError, RuntimeError):
     """The model builder or the validation of its output failed."""
 
-    hint = "see the build log named above; nothing was written"
+    hint = "nothing was written"
+
+
+class BuilderFailed(BuildError):
+    """A build tool run as a child process (the model builder) exited with an error.
+
+    ``log`` is its full output; ``edge-pack build`` keeps it beside the output and names it.
+    """
+
+    def __init__(self, message: str, log: str, hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.log = log
 
 
 # --- bundles ------------------------------------------------------------------------------

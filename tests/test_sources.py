@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import tiny
 from edgephi.packager import sources
+from edgephi.packager.builder import ExportRequest
 from edgephi.packager.cli import main as edge_pack
 from edgephi.runtime.errors import NotAModel, SourceNotFound, UnsupportedArchitecture
+from edgephi.targets import ExecutionProvider, Precision
 
 
 def test_missing_path() -> None:
@@ -74,3 +78,61 @@ def test_cli_errors_are_one_line_and_leave_nothing(
     line = next(ln for ln in err if "error:" in ln)
     assert line.startswith("edge-pack: error: ") and " — " in line
     assert list(out_dir.iterdir()) == []
+
+
+def test_a_failed_builder_run_keeps_its_log_and_nothing_else(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "broken-llama"
+    shutil.copytree(tiny.tiny_model("llama"), src)
+    (src / "model.safetensors").write_bytes(b"\x08\0\0\0\0\0\0\0{}garbage")  # truncated weights
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        edge_pack(["build", str(src), "-o", str(out_dir / "m.phi")])
+    assert exit_info.value.code == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    log = out_dir / "m.phi.build.log"
+    assert len(err) == 1 and err[0].startswith("edge-pack: error: the model builder failed: ")
+    assert err[0].endswith(f"its full log is {log}; nothing else was written")
+    assert sorted(p.name for p in out_dir.iterdir()) == ["m.phi.build.log"]
+    assert "Traceback" in log.read_text()
+    # A later successful build of the same output drops the stale log.
+    with pytest.raises(SystemExit) as exit_info:
+        edge_pack(["build", str(tiny.tiny_model("llama")), "-o", str(out_dir / "m.phi")])
+    assert exit_info.value.code == 0
+    assert sorted(p.name for p in out_dir.iterdir()) == ["m.phi"]
+
+
+def test_a_public_hub_id_asks_for_no_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no stored token
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    request = ExportRequest(
+        source="HuggingFaceTB/SmolLM2-135M-Instruct",
+        source_is_local=False,
+        output_dir=tmp_path / "o",
+        cache_dir=tmp_path / "c",
+        log_path=tmp_path / "log",
+        precision=Precision.INT4,
+        execution_provider=ExecutionProvider.CPU,
+    )
+    assert request.extra_options()["hf_token"] == "false"
+    monkeypatch.setenv("HF_TOKEN", "hf_test")  # a token the user set: the builder may use it
+    assert "hf_token" not in request.extra_options()
+
+
+def test_a_hub_id_without_network_fails_at_the_download_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Up to the network call: no token is demanded, and the failure says what to do."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # this machine has no network; make it certain
+    with pytest.raises(SystemExit):
+        edge_pack(["build", "HuggingFaceTB/SmolLM2-135M-Instruct", "-o", str(tmp_path / "m.phi")])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    assert len(err) == 1
+    assert "Token" not in err[0] and "token" not in err[0]
+    assert "the hub could not be reached" in err[0]
+    log = (tmp_path / "m.phi.build.log").read_text()
+    assert "LocalTokenNotFoundError" not in log
