@@ -62,6 +62,8 @@ SUPPORTED_ARCHITECTURES = (
     "SmolLM3ForCausalLM",
     "GraniteForCausalLM",
     "OlmoForCausalLM",
+    "Ernie4_5ForCausalLM",
+    "HunYuanDenseV1ForCausalLM",
     # Phi-3(.5)-vision: the builder exports its text decoder, edgephi.packager.vision the rest.
     "Phi3VForCausalLM",
 )

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import importlib.metadata
-import json
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -68,16 +67,6 @@ def tool_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return out
-
-
-def _downloaded_config(cache_dir: Path) -> dict[str, Any]:
-    """A hub id's config.json, as the builder downloaded it into its cache."""
-    for path in sorted(cache_dir.rglob("config.json")):
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(data, dict) and data.get("architectures"):
-            sources.check_architecture(data, str(path))
-            return data
-    return {}
 
 
 def _quality(
@@ -192,6 +181,9 @@ def _build_in(
 ) -> BuildResult:
     hf_config = source.config
     builder_input = source.ref
+    if source.kind == "hf-id":
+        progress(f"[1/5] fetching {source.ref}'s config from the Hugging Face hub")
+        hf_config = sources.hub_config(source.ref, workdir / "builder-cache")
     multimodal = vision.is_vision(hf_config)
     if not multimodal and config.vision_precision is not None:
         raise BuildError(
@@ -212,7 +204,7 @@ def _build_in(
 
         hf_config = gguf.to_hf_folder(source.path, hf_dir)
         builder_input = str(hf_dir)
-    else:
+    elif source.kind != "hf-id":
         progress(f"[1/5] using {source.kind} {source.ref}")
 
     target = config.target
@@ -254,8 +246,6 @@ def _build_in(
         adapters.export_with_adapters(request, dict(config.adapters), workdir, progress)
     else:
         builder.export(request)
-    if not hf_config:
-        hf_config = _downloaded_config(request.cache_dir)
     if config.uses_hqq:
         progress(f"      HQQ: quantising the FP32 graph's weights to INT4 in blocks of {config.recipe[0]}")
         from edgephi.packager import hqq

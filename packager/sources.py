@@ -6,8 +6,10 @@ Three kinds of source are accepted:
 * ``gguf``      — a ``.gguf`` file of any quantisation type; it is dequantised to F32 and
   written as a Hugging Face folder first (``edgephi.packager.gguf``), because the builder
   reads only F16/F32 GGUF and still wants a config folder;
-* ``hf-id``     — a hub model id such as ``microsoft/Phi-3.5-mini-instruct``, passed to the
-  builder, which downloads it (needs a network).
+* ``hf-id``     — a hub model id such as ``microsoft/Phi-3.5-mini-instruct``: its config.json
+  is fetched first (``hub_config``: the architecture is checked, and a gated, missing or
+  unreachable model refused, before gigabytes move), then the builder downloads the rest.
+  No token is asked for unless one is set or stored: public models need no login.
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from edgephi.packager.builder import SUPPORTED_ARCHITECTURES
-from edgephi.runtime.errors import NotAModel, SourceNotFound, UnsupportedArchitecture
+from edgephi.runtime.errors import (
+    DependencyMissing,
+    NotAModel,
+    SourceError,
+    SourceNotFound,
+    UnsupportedArchitecture,
+)
 
 GGUF_MAGIC = b"GGUF"
 _HF_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -96,3 +104,52 @@ def check_architecture(config: dict[str, Any], where: str) -> str:
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     return str(arch)
+
+
+def hub_config(ref: str, cache_dir: Path) -> dict[str, Any]:
+    """A hub model's config.json, fetched into the builder's cache; its architecture checked.
+
+    The stored or ``HF_TOKEN`` token is used when there is one, none otherwise.
+    """
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            GatedRepoError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+        )
+    except ImportError:
+        raise DependencyMissing(
+            "downloading from the hub needs huggingface_hub, which is not installed"
+        ) from None
+    login = "run `hf auth login` (or set HF_TOKEN)"
+    try:
+        path = hf_hub_download(ref, "config.json", cache_dir=str(cache_dir))
+    except GatedRepoError:
+        raise SourceError(
+            f"{ref} is a gated model: the hub serves it only to accounts that accepted its licence",
+            hint=f"accept it on huggingface.co/{ref}, then {login} and build again",
+        ) from None
+    except RepositoryNotFoundError:
+        raise SourceNotFound(
+            f"{ref} is not a model on the Hugging Face hub, or it is private",
+            hint=f"check the id; for a private model {login}",
+        ) from None
+    except LocalEntryNotFoundError as exc:  # (an EntryNotFoundError: offline, nothing cached)
+        raise SourceError(
+            f"cannot fetch {ref} from the Hugging Face hub: {type(exc).__name__}",
+            hint="check the network (and HF_HUB_OFFLINE), or download the model and give its folder",
+        ) from None
+    except EntryNotFoundError:
+        raise NotAModel(f"{ref} on the hub has no config.json, so it is not a transformers model") from None
+    except OSError as exc:  # requests' connection errors are OSErrors
+        raise SourceError(
+            f"cannot fetch {ref} from the Hugging Face hub: {type(exc).__name__}",
+            hint="check the network (and HF_HUB_OFFLINE), or download the model and give its folder",
+        ) from None
+    config = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(config, dict):
+        raise NotAModel(f"{ref}'s config.json does not hold a JSON object")
+    check_architecture(config, ref)
+    return config

@@ -48,6 +48,8 @@ FAMILIES = (
     "granite3",
     "olmo",
     "phi2",
+    "ernie4.5",
+    "hunyuan",
 )
 QUESTION = "Tell me about the sea."
 TOKENS = 12

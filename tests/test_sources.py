@@ -128,11 +128,33 @@ def test_a_hub_id_without_network_fails_at_the_download_in_one_line(
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # this machine has no network; make it certain
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
     with pytest.raises(SystemExit):
-        edge_pack(["build", "HuggingFaceTB/SmolLM2-135M-Instruct", "-o", str(tmp_path / "m.phi")])
+        edge_pack(["build", "HuggingFaceTB/SmolLM2-135M-Instruct", "-o", str(out_dir / "m.phi")])
     err = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
     assert len(err) == 1
-    assert "Token" not in err[0] and "token" not in err[0]
-    assert "the hub could not be reached" in err[0]
-    log = (tmp_path / "m.phi.build.log").read_text()
-    assert "LocalTokenNotFoundError" not in log
+    assert "oken" not in err[0]  # neither Token nor token: none was asked for
+    assert err[0].startswith(
+        "edge-pack: error: cannot fetch HuggingFaceTB/SmolLM2-135M-Instruct from the Hugging Face hub"
+    )
+    assert "check the network" in err[0]
+    assert list(out_dir.iterdir()) == []  # refused before the builder ran: not even a log
+
+
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [
+        ("OSError: You are trying to access a gated repo.", "hf auth login"),
+        ("huggingface_hub.errors.GatedRepoError: 401 Client Error.", "hf auth login"),
+        ("OSError: We couldn't connect to 'https://huggingface.co' to load the files", "check the network"),
+    ],
+)
+def test_builder_failures_from_the_hub_get_a_hint(line: str, says: str, tmp_path: Path) -> None:
+    """A download the builder itself makes (weights after the config) is explained too."""
+    log = tmp_path / "builder.log"
+    log.write_text(f"Traceback (most recent call last):\n  File x\n{line}\n")
+    from edgephi.packager import builder
+
+    hint = builder._hint(builder.last_error_line(log))
+    assert hint is not None and says in hint
