@@ -13,6 +13,7 @@ prints chunks as ``Engine.stream`` yields them. ``run`` is the default command, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -203,7 +204,8 @@ def run(
         single = Conversation(engine, system=system, session=Session(engine, one_shot=True))
         printer(single, prompt, options, stats, pictures)
         return
-    _chat(Conversation(engine, system=system), options, stats, printer, pictures)
+    history = (Store(store) if store else Store()).root / "chat_history"
+    _chat(Conversation(engine, system=system), options, stats, printer, pictures, ChatLine(history))
 
 
 Printer = Callable[[Conversation, str, GenerationOptions, bool, Sequence[Image]], None]
@@ -235,7 +237,54 @@ def _json_answer(
     print(json.dumps(record, ensure_ascii=False), flush=True)
 
 
-CHAT_HELP = "/reset clears the conversation, /system TEXT sets the system message, /exit or Ctrl-D quits"
+CHAT_HELP = (
+    '/reset clears the conversation, /system TEXT sets the system message, """ starts and ends '
+    "a multi-line message, /exit or Ctrl-D quits"
+)
+HISTORY_LINES = 1000
+
+
+class ChatLine:
+    """The chat's input line: editing and history through readline where the OS has it.
+
+    History persists in ``chat_history`` beside the store (as Ollama keeps its own);
+    a line of three double quotes starts a multi-line message and another ends it.
+    """
+
+    def __init__(self, history: Path) -> None:
+        self.history = history
+        try:
+            import readline
+        except ImportError:  # no readline on this Python: plain input() still works
+            self.readline = None
+            return
+        self.readline = readline
+        readline.set_history_length(HISTORY_LINES)
+        with contextlib.suppress(OSError):  # no history yet
+            readline.read_history_file(str(history))
+
+    def read(self) -> str:
+        """One message; raises EOFError at end of input, KeyboardInterrupt on Ctrl-C."""
+        text = input("> ").strip()
+        if not text.startswith('"""'):
+            return text
+        body, lines = text[3:], []
+        while not body.rstrip().endswith('"""'):
+            lines.append(body)
+            body = input("... ")
+        lines.append(body.rstrip()[:-3])
+        return "\n".join(lines).strip()
+
+    def save(self) -> None:
+        if self.readline is None:
+            return
+        try:
+            self.history.parent.mkdir(parents=True, exist_ok=True)
+            self.readline.write_history_file(str(self.history))
+        except OSError as exc:
+            console.info(f"(chat history not saved to {self.history}: {exc.strerror or exc})")
+
+
 IMAGE_HELP = "/image PATH shows the model a picture with your next message"
 
 
@@ -245,6 +294,7 @@ def _chat(
     stats: bool,
     printer: Printer,
     pending: list[Image],
+    line: ChatLine,
 ) -> None:
     engine: Engine = conversation.engine
     if engine.vision:
@@ -255,7 +305,7 @@ def _chat(
     try:
         while True:
             try:
-                text = input("> ").strip()
+                text = line.read()
             except EOFError:
                 console.info("")
                 return
@@ -290,6 +340,9 @@ def _chat(
             try:
                 shown, pending[:] = list(pending), []
                 printer(conversation, text, options, stats, shown)
+                last = engine.last_stats
+                if printer is _answer and last is not None and last.finish_reason == "length":
+                    console.info(f"(cut at --max-tokens {options.max_tokens}; raise -n for longer answers)")
             except EdgeError as exc:
                 # One turn that cannot be answered (too long, an unreadable picture) ends only that turn.
                 console.info(console.error_line(PROG, exc))
@@ -299,6 +352,7 @@ def _chat(
             # While the user reads and types, the cache takes in the answer (also a cut one).
             conversation.settle(background=True)
     finally:
+        line.save()
         # Exit only once a background settle has stopped (after its current chunk).
         conversation.cache.wait()
 
@@ -395,6 +449,13 @@ def serve(
             "--slots", help="Conversations whose KV cache is kept (default: what memory holds, up to 4)."
         ),
     ] = None,
+    log: Annotated[
+        bool,
+        typer.Option(
+            "--log/--no-log",
+            help="One line per request on stderr: method, path, status, tokens, TTFT, time; never text.",
+        ),
+    ] = True,
     threads: Threads = None,
     context: Context = None,
     memory_budget: MemoryBudget = None,
@@ -431,6 +492,7 @@ def serve(
         max_body=max_body or (server.VISION_MAX_BODY if engine.vision else server.TEXT_MAX_BODY),
         max_tokens_default=max_tokens,
         slots=slots or fit,
+        log_requests=log,
     )
     caches = f"{config.slots} conversation cache{'s' if config.slots > 1 else ''}"
     server.serve(

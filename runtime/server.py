@@ -31,6 +31,7 @@ import binascii
 import json
 import re
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -59,6 +60,7 @@ class ServerConfig:
     max_queue: int = 8
     max_tokens_default: int = 256
     slots: int = 1
+    log_requests: bool = True  # one line per request on stderr; never the prompt or answer
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -312,8 +314,30 @@ class _Handler(BaseHTTPRequestHandler):
     # waits on clients that hold connections open between requests.
     timeout = 5
 
+    status = 0  # of the response being sent; kept for the request's log line
+
     def log_message(self, format: str, *args: Any) -> None:
-        pass
+        pass  # http.server's own lines: replaced by ``_log_line``, one per request
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self.status = code
+        super().send_response(code, message)
+
+    def _log_line(self, start: float, stats: Stats | None = None) -> None:
+        """``time client method path status [tokens, TTFT] duration``: no prompt, no answer."""
+        if not self.owner.config.log_requests:
+            return
+        when = time.strftime("%Y-%m-%dT%H:%M:%S")
+        parts = [when, str(self.client_address[0]), self.command, self.path.split("?")[0], str(self.status)]
+        if stats is not None:
+            parts += [
+                f"prompt={stats.prompt_tokens}",
+                f"cached={stats.cached_tokens}",
+                f"generated={stats.generated_tokens}",
+                f"ttft={stats.ttft_s:.3f}s",
+            ]
+        parts.append(f"total={time.perf_counter() - start:.3f}s")
+        print(" ".join(parts), file=sys.stderr, flush=True)
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -364,6 +388,13 @@ class _Handler(BaseHTTPRequestHandler):
     # --- routes -----------------------------------------------------------------------
 
     def do_GET(self) -> None:
+        start = time.perf_counter()
+        try:
+            self._get()
+        finally:
+            self._log_line(start)
+
+    def _get(self) -> None:
         name = self.owner.config.model_name
         if self.path == "/health":
             engine = self.owner.engine
@@ -382,6 +413,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._fail(ApiError(404, f"no route {self.path}", code="not_found"))
 
     def do_POST(self) -> None:
+        start = time.perf_counter()
+        outcome = Outcome()
+        try:
+            self._post(outcome)
+        finally:
+            self._log_line(start, outcome.stats)
+            if outcome.slot is not None:
+                # The response is out; the slot takes in the answer before the next request.
+                self.owner.settle(outcome.slot)
+
+    def _post(self, outcome: Outcome) -> None:
         try:
             if self.path not in ("/v1/chat/completions", "/v1/completions"):
                 raise ApiError(404, f"no route {self.path}", code="not_found")
@@ -404,7 +446,6 @@ class _Handler(BaseHTTPRequestHandler):
         except EdgeError as exc:
             self._fail(ApiError(400, str(exc)))
             return
-        outcome = Outcome()
         try:
             if body.get("stream"):
                 stream_options = body.get("stream_options")
@@ -420,9 +461,6 @@ class _Handler(BaseHTTPRequestHandler):
             self._fail(ApiError(500, str(exc), kind="server_error"))
         finally:
             self.owner.release()
-            if outcome.slot is not None:
-                # The response is out; the slot takes in the answer before the next request.
-                self.owner.settle(outcome.slot)
 
     def _envelope(self, chat: bool, rid: str) -> dict[str, Any]:
         return {

@@ -273,3 +273,27 @@ def test_chat_commands_reset_and_system(phi3_bundle: Path) -> None:
     first, second, third = term.prompt_tokens()
     assert second > first  # history kept
     assert third < second  # /reset dropped it (the new system message is shorter than an exchange)
+
+
+def test_the_chat_line_edits_remembers_and_takes_several_lines(phi3_bundle: Path, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    argv = [*exe("edge-run"), str(phi3_bundle), "-n", "4", "-t", "0", "--stats", "--store", str(home)]
+    term = Terminal(argv)
+    term.wait_for(1, b"> ")
+    term.type(b"first question")
+    term.wait_for(2, b"> ")
+    # Up-arrow brings the last line back (no raw ^[[A reaches the model); Ctrl-A and
+    # typing edit it at its start.
+    term.type(b"\x1b[A\x01edited ")
+    term.wait_for(3, b"> ")
+    term.type(b'"""')
+    term.type(b"line one")
+    term.type(b'line two"""')
+    term.wait_for(4, b"> ")
+    term.type(b"/exit")
+    assert term.close() == 0
+    assert b"^[[A" not in term.seen
+    assert term.seen.count(b"4 generated") == 3  # three turns: the multi-line message was one
+    assert term.seen.count(b"(cut at --max-tokens 4") == 3
+    history = (home / "chat_history").read_text().splitlines()
+    assert history[:2] == ["first question", "edited first question"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -200,6 +201,15 @@ def test_sigterm_lets_the_request_in_flight_finish(smollm2_bundle: Path) -> None
         rest = [c.choices[0].finish_reason for c in stream if c.choices]
         assert first is not None and rest[-1] in ("length", "stop")
         assert proc.wait(timeout=60) == 0
+        # The request's log line: what, how it went, how long; never the prompt.
+        log = proc.stderr.read()  # type: ignore[union-attr]
+        assert re.search(
+            r"^\S+ 127\.0\.0\.1 POST /v1/chat/completions 200 prompt=\d+ cached=0 generated=\d+ "
+            r"ttft=\d+\.\d{3}s total=\d+\.\d{3}s$",
+            log,
+            flags=re.MULTILINE,
+        ), log
+        assert "story" not in log
     finally:
         if proc.poll() is None:
             proc.kill()
