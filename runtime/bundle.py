@@ -128,6 +128,17 @@ def _reading(what: str) -> Iterator[None]:
         raise BundleFormatError(f"{what}: {type(exc).__name__}: {exc}") from None
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(magic)) == magic
+    except OSError:
+        return False
+
+
 def _open_zip(path: Path) -> zipfile.ZipFile:
     if not path.exists():
         raise BundleNotFound(f"{path} does not exist")
@@ -136,6 +147,11 @@ def _open_zip(path: Path) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
     except zipfile.BadZipFile:
+        if _starts_with(path, GGUF_MAGIC):
+            raise BundleFormatError(
+                f"{path} is a GGUF model file, not a .phi bundle",
+                hint=f"pack it on a build host first: edge-pack build {path} -o {path.stem}.phi",
+            ) from None
         raise BundleFormatError(f"{path} is not a .phi bundle (not a ZIP archive, or truncated)") from None
     except OSError as exc:
         raise BundleFormatError(f"cannot read {path}: {exc.strerror or exc}") from None
@@ -229,7 +245,10 @@ def _verify(
         return Verification("skipped", claimed[0] if claimed else None)
     if policy.trusted:
         if not signatures:
-            raise SignatureError("the bundle is unsigned, and this device accepts only signed bundles")
+            raise SignatureError(
+                "the bundle is unsigned, and this device accepts only signed bundles",
+                hint="ask its publisher for a signed build (edge-pack build --sign-key, or edge-pack sign)",
+            )
         return Verification("trusted", signing.verify_manifest(raw, signed_by, signatures, policy.trusted))
     if claimed:
         return Verification("untrusted-unchecked", claimed[0])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -159,23 +160,27 @@ def run(
         raise ConfigError(f"--json-schema {json_schema} is not a file")
     # Read and check the pictures before the model loads: a bad file costs nothing then.
     pictures = [load_image(p) for p in image or ()]
-    options = GenerationOptions(
-        max_tokens=max_tokens,
-        min_tokens=min_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        seed=seed,
-        repetition_penalty=repetition_penalty,
-        no_repeat_ngram=no_repeat_ngram,
-        num_beams=num_beams,
-        length_penalty=length_penalty,
-        stop=tuple(stop or ()),
-        json_schema=json_schema.read_text(encoding="utf-8") if json_schema else None,
-        regex=regex,
-        adapter=adapter,
-    )
+    try:
+        options = GenerationOptions(
+            max_tokens=max_tokens,
+            min_tokens=min_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            seed=seed,
+            repetition_penalty=repetition_penalty,
+            no_repeat_ngram=no_repeat_ngram,
+            num_beams=num_beams,
+            length_penalty=length_penalty,
+            stop=tuple(stop or ()),
+            json_schema=json_schema.read_text(encoding="utf-8") if json_schema else None,
+            regex=regex,
+            adapter=adapter,
+        )
+    except ConfigError as exc:
+        # The options' own words are their Python/JSON names; on this command line they are flags.
+        raise ConfigError(as_flags(str(exc))) from None
     if show_plan:
         budget = memory.parse_size(memory_budget) if memory_budget else None
         the_plan = loader.plan(
@@ -206,6 +211,17 @@ def run(
         return
     history = (Store(store) if store else Store()).root / "chat_history"
     _chat(Conversation(engine, system=system), options, stats, printer, pictures, ChatLine(history))
+
+
+_OPTION_NAMES = re.compile(
+    r"\b(max_tokens|min_tokens|temperature|top_p|top_k|min_p|seed|repetition_penalty|no_repeat_ngram"
+    r"|num_beams|length_penalty|json_schema|regex|adapter|stop)\b"
+)
+
+
+def as_flags(message: str) -> str:
+    """``max_tokens must be at least 1`` as the command line spells it: ``--max-tokens …``."""
+    return _OPTION_NAMES.sub(lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
 Printer = Callable[[Conversation, str, GenerationOptions, bool, Sequence[Image]], None]

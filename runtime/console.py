@@ -37,17 +37,31 @@ def fail(prog: str, exc: BaseException) -> NoReturn:
 
 
 def run_app(app: Any, prog: str, argv: Sequence[str]) -> None:
-    """Run a typer app with edgephi's error policy.
+    """Run a typer app with edgephi's error policy: every failure is one line on stderr.
 
-    typer/click still handle usage errors themselves (usage line, exit status 2); every
-    other exception leaves the app and is turned into one line here.
+    Usage errors (an unknown option, a value that does not parse) too: typer would draw
+    a box of several lines; here they say what is wrong and which ``--help`` to read,
+    with exit status 2. Everything else that leaves the app is turned into one line by
+    ``fail``.
     """
+    import typer
+    from typer.exceptions import TyperException
+
     try:
-        app(args=list(argv), prog_name=prog)
-    except KeyboardInterrupt:
+        result = app(args=list(argv), prog_name=prog, standalone_mode=False)
+    except (KeyboardInterrupt, typer.Abort):
         print(file=sys.stderr)
         raise SystemExit(130) from None
+    except typer.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except TyperException as exc:  # click's UsageError and friends, as typer ships them
+        context = getattr(exc, "ctx", None)
+        command = context.command_path if context is not None else prog
+        message = " ".join(str(exc.format_message()).split())
+        print(f"{prog}: error: {message} — see `{command} --help`", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     except Exception as exc:
         if debug_enabled():
             raise
         fail(prog, exc)
+    raise SystemExit(result if isinstance(result, int) else 0)

@@ -164,6 +164,7 @@ class ModelShape:
     context_length: int
     default_context: int
     lm_head_pruned: bool = False
+    precision: str = ""  # the bundle's (int4, int8, fp16, fp32); "" for a bare folder
     # A vision model: the encoder's working memory for one image, and the most prompt
     # tokens one image can take (edgephi.runtime.images); zero for a text model.
     vision_scratch_bytes: int = 0
@@ -183,6 +184,7 @@ class ModelShape:
                 context_length=int(model["context_length"]),
                 default_context=int(model.get("default_context") or model["context_length"]),
                 lm_head_pruned=bool(model.get("lm_head_pruned", False)),
+                precision=str(manifest.precision),
                 vision_scratch_bytes=int(memory.get("vision_scratch_bytes", 0)),
                 max_image_tokens=int((model.get("vision") or {}).get("max_image_tokens", 0)),
             )
@@ -326,6 +328,8 @@ def plan(
             f"the model needs {format_size(shape.fixed_bytes())} before any context and "
             f"{format_size(shape.kv_bytes_per_token)} of KV cache per token; the budget of "
             f"{format_size(budget)} ({budget_source}) leaves room for {lo} tokens, "
-            f"below the minimum of {floor}"
+            f"below the minimum of {floor}",
+            hint="free memory, raise --memory-budget, or use a smaller model"
+            + ("" if shape.precision == "int4" else " or an --precision int4 build"),
         )
     return MemoryPlan(shape, asked, lo, budget, budget_source, "memory")

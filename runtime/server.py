@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import json
 import re
 import signal
@@ -213,6 +214,13 @@ def messages_from(body: dict[str, Any], vision: bool = False) -> tuple[list[Mess
     return out, images
 
 
+_LISTEN_HINTS = {
+    errno.EADDRINUSE: "another program is listening there: pick another --port (0 picks a free one)",
+    errno.EACCES: "ports below 1024 need privileges: pick a --port above 1023",
+    errno.EADDRNOTAVAIL: "--host is not an address of this machine: keep 127.0.0.1, or give one it has",
+}
+
+
 class ModelServer:
     """Serves one ``Engine``; ``serve_forever`` until ``shutdown``."""
 
@@ -229,7 +237,13 @@ class ModelServer:
         class Handler(_Handler):
             owner = server
 
-        self.httpd = _HTTPServer((config.host, config.port), Handler)
+        try:
+            self.httpd = _HTTPServer((config.host, config.port), Handler)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
+                hint=_LISTEN_HINTS.get(exc.errno or 0, "pick another --host or --port"),
+            ) from None
         self.httpd.daemon_threads = False  # shutdown waits for requests in flight
 
     @property

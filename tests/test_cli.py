@@ -8,6 +8,7 @@ import pty
 import re
 import select
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -162,7 +163,7 @@ def test_bad_option_is_exit_2_and_names_it(phi3_bundle: Path) -> None:
         text=True,
         timeout=60,
     )
-    assert proc.returncode == 2 and "top_p" in proc.stderr
+    assert proc.returncode == 2 and "--top-p must be in (0, 1], not 3.0" in proc.stderr
 
 
 def test_debug_variable_shows_the_traceback(tmp_path: Path) -> None:
@@ -297,3 +298,103 @@ def test_the_chat_line_edits_remembers_and_takes_several_lines(phi3_bundle: Path
     assert term.seen.count(b"(cut at --max-tokens 4") == 3
     history = (home / "chat_history").read_text().splitlines()
     assert history[:2] == ["first question", "edited first question"]
+
+
+def _one_error_line(proc: subprocess.CompletedProcess[str], prog: str = "edge-run") -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith(f"{prog}: error: ")]
+    assert len(lines) == 1, proc.stderr
+    assert proc.stderr.strip().endswith(lines[0])  # nothing after it: no box, no traceback
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "says", "code"),
+    [
+        (["-n", "0"], "error: --max-tokens must be at least 1, not 0 — fix the option named above", 2),
+        (["-t", "0", "--seed", "3"], "error: --temperature 0 means greedy decoding; --seed only apply", 2),
+        (["--bogus"], "error: No such option: --bogus — see `edge-run run --help`", 2),
+        (["-n", "many"], "'--max-tokens' / '-n': Input should be a valid integer", 2),
+    ],
+)
+def test_option_errors_are_one_line_naming_the_flag(
+    phi3_bundle: Path, args: list[str], says: str, code: int
+) -> None:
+    proc = subprocess.run(
+        [*exe("edge-run"), "run", str(phi3_bundle), "-p", "Hi", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == code
+    assert says in _one_error_line(proc)
+
+
+def test_a_gguf_given_to_edge_run_is_named_with_the_command_that_packs_it(tmp_path: Path) -> None:
+    gguf = tmp_path / "model.Q4_K_M.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 60)
+    proc = subprocess.run(
+        [*exe("edge-run"), str(gguf), "-p", "Hi"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 1
+    line = _one_error_line(proc)
+    assert f"{gguf} is a GGUF model file, not a .phi bundle" in line
+    assert f"edge-pack build {gguf} -o model.Q4_K_M.phi" in line
+
+
+def test_a_busy_port_is_named_with_the_option_that_moves_it(phi3_bundle: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [*exe("edge-run"), "serve", str(phi3_bundle), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert proc.returncode == 2
+    line = _one_error_line(proc)
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in line
+    assert "pick another --port" in line
+
+
+def test_a_memory_budget_too_small_for_an_int4_bundle_does_not_suggest_int4(phi3_bundle: Path) -> None:
+    proc = subprocess.run(
+        [*exe("edge-run"), str(phi3_bundle), "-p", "Hi", "--memory-budget", "10M"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    line = _one_error_line(proc)
+    assert "leaves room for" in line and "int4" not in line
+
+
+def test_verify_without_a_key_says_it_checked_no_signature(phi3_bundle: Path) -> None:
+    proc = subprocess.run(
+        [*exe("edge-pack"), "verify", str(phi3_bundle)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0
+    assert proc.stdout.startswith(f"OK {phi3_bundle}: ")
+    assert "signature NOT checked (give --key KEY.pub to check it)" in proc.stdout
+
+
+def test_an_unsigned_bundle_refused_by_the_trust_store_asks_for_a_signed_one(
+    phi3_bundle: Path, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    subprocess.run([*exe("edge-pack"), "keygen", str(tmp_path / "k")], check=True, capture_output=True)
+    subprocess.run(
+        [*exe("edge-run"), "trust", "add", str(tmp_path / "k.pub"), "--store", str(home)],
+        check=True,
+        capture_output=True,
+    )
+    proc = subprocess.run(
+        [*exe("edge-run"), str(phi3_bundle), "-p", "Hi", "--store", str(home)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    line = _one_error_line(proc)
+    assert "the bundle is unsigned" in line and "ask its publisher for a signed build" in line
+    assert "trust add" not in line
