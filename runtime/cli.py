@@ -17,15 +17,16 @@ import contextlib
 import json
 import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from edgephi.runtime import console, loader, memory
 from edgephi.runtime.chat import Conversation
 from edgephi.runtime.engine import Engine
-from edgephi.runtime.errors import ConfigError, EdgeError
+from edgephi.runtime.errors import BundleNotFound, ConfigError, EdgeError
 from edgephi.runtime.images import Image, image_tokens, load_image
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.session import Session
@@ -374,17 +375,56 @@ def _chat(
 
 
 @app.command("list")
-def list_models(store: StoreOpt = None) -> None:
-    """List the models installed in the store."""
+def list_models(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON array, for scripts.")] = False,
+    store: StoreOpt = None,
+) -> None:
+    """List the installed models; * marks the version `edge-run NAME` runs."""
     the_store = Store(store) if store else Store()
-    models = the_store.installed()
-    if not models:
-        console.info("no models installed")
-        return
-    for m in models:
+    rows: list[dict[str, Any]] = []
+    for m in the_store.installed():
         current = the_store.current(m.manifest.name)
-        mark = "current" if current is not None and current.path == m.path else ""
-        print(f"{m.manifest.name}\t{m.manifest.version}\t{m.manifest.precision}\t{mark}\t{m.path}")
+        rows.append(
+            {
+                "name": m.manifest.name,
+                "version": m.manifest.version,
+                "current": current is not None and current.path == m.path,
+                "precision": m.manifest.precision,
+                "target": str(m.manifest.target.get("name", "?")),
+                "size_bytes": the_store.size(m),
+                "installed": time.strftime("%Y-%m-%d %H:%M", time.localtime(m.path.stat().st_mtime)),
+                "path": str(m.path),
+            }
+        )
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    if not rows:
+        console.info("no models installed (`edge-run MODEL.phi` installs one)")
+        return
+    print(f"  {'NAME':<28} {'VERSION':<12} {'PRECISION':<9} {'TARGET':<14} {'SIZE':>9}  INSTALLED")
+    for r in rows:
+        mark = "*" if r["current"] else " "
+        size = memory.format_size(r["size_bytes"])
+        print(
+            f"{mark} {r['name']:<28} {r['version']:<12} {r['precision']:<9} {r['target']:<14} "
+            f"{size:>9}  {r['installed']}"
+        )
+
+
+@app.command("rm")
+def remove(
+    model: Annotated[str, typer.Argument(help="NAME (every version) or NAME:VERSION.")],
+    store: StoreOpt = None,
+) -> None:
+    """Remove an installed model, or one version of it that is not the current one."""
+    name, _, version = model.partition(":")
+    the_store = Store(store) if store else Store()
+    removed = the_store.remove(name, version or None)
+    if not removed:
+        raise BundleNotFound(f"{model} is not installed", hint="`edge-run list` shows what is")
+    freed = memory.format_size(sum(the_store.size(m) for m in removed))
+    print(f"removed {model} ({len(removed)} install{'s' if len(removed) > 1 else ''}, {freed})")
 
 
 trust_app = typer.Typer(help="Manage the publisher keys this device trusts.", no_args_is_help=True)
@@ -541,7 +581,10 @@ def bench(
     print(json.dumps(result.to_dict(), indent=2) if as_json else result.table())
 
 
-_COMMANDS = {"run", "list", "trust", "update", "rollback", "serve", "bench"}
+# Every command and group registered above (a new one cannot be forgotten here).
+_COMMANDS = {
+    c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands
+} | {g.name or "" for g in app.registered_groups}
 
 
 def main(argv: list[str] | None = None) -> None:

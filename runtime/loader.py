@@ -18,7 +18,7 @@ from edgephi.runtime.device import ARCH_ALIASES, machine_arch
 from edgephi.runtime.engine import Engine
 from edgephi.runtime.errors import BundleNotFound, IncompatibleBundle, NotAModel
 from edgephi.runtime.genai import default_threads
-from edgephi.runtime.manifest import Manifest, is_valid_name, version_key
+from edgephi.runtime.manifest import Manifest, is_valid_name, is_valid_version, version_key
 from edgephi.runtime.store import InstalledModel, Store
 
 
@@ -28,7 +28,9 @@ def install(
     """Verify and unpack a bundle (or find its installed copy) without loading it."""
     store = store or Store()
     policy = TrustPolicy.from_store(store.trust, skip=insecure_skip_verify)
-    return store.install(Path(bundle_path), policy)
+    installed = store.install(Path(bundle_path), policy)
+    store.adopt(installed)
+    return installed
 
 
 def check_runnable(manifest: Manifest, arch: str | None = None) -> None:
@@ -91,12 +93,23 @@ def plan(
 
 
 def resolve(source: str | Path, store: Store | None = None) -> Path:
-    """A path as given, or the current version of an installed model called ``source``."""
+    """A path as given, or an installed model called ``NAME`` (its current version) or
+    ``NAME:VERSION``."""
     path = Path(source)
-    if not path.exists() and is_valid_name(str(source)):
-        current = (store or Store()).current(str(source))
-        if current is not None:
-            return current.path
+    if path.exists():
+        return path
+    name, _, version = str(source).partition(":")
+    if is_valid_name(name) and (not version or is_valid_version(version)):
+        the_store = store or Store()
+        found = the_store.find(name, version or None)
+        if found is not None:
+            return found.path
+        versions = sorted({m.manifest.version for m in the_store.installed(name)}, key=version_key)
+        if version and versions:
+            raise BundleNotFound(
+                f"{name} has no version {version} installed; it has {', '.join(versions)}",
+                hint="`edge-run list` shows what is installed",
+            )
     return path
 
 
@@ -149,6 +162,7 @@ def load(
         memory.ModelShape.from_manifest(checked.manifest), requested=context, budget=budget, budget_source=why
     )
     installed = store.install(path, policy, checked)
+    store.adopt(installed)
     engine = Engine(
         installed.path,
         threads=choose_threads(threads, installed.manifest),

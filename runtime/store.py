@@ -95,12 +95,14 @@ class Store:
         info = checked if checked is not None else bundle.open_bundle(Path(bundle_path), policy)
         final = self.install_dir(info.manifest)
         if self._is_installed(final, info.manifest):
-            return InstalledModel(final, info.manifest, reused=True, verification=info.verification)
-        with self.staging() as staging:
-            extracted = bundle.extract(info.path, staging, policy)
-            if extracted.manifest.digest != info.manifest.digest:
-                raise BundleFormatError("the bundle changed while it was being installed")
-            return self.commit(staging, extracted.manifest, info.verification)
+            model = InstalledModel(final, info.manifest, reused=True, verification=info.verification)
+        else:
+            with self.staging() as staging:
+                extracted = bundle.extract(info.path, staging, policy)
+                if extracted.manifest.digest != info.manifest.digest:
+                    raise BundleFormatError("the bundle changed while it was being installed")
+                model = self.commit(staging, extracted.manifest, info.verification)
+        return model
 
     @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:
@@ -209,6 +211,48 @@ class Store:
         if highest is None or version_key(version) > version_key(highest):
             data = json.dumps({"highest": version}).encode()
             atomic_write_bytes(self.models_dir / name / "state.json", data)
+
+    def adopt(self, model: InstalledModel) -> None:
+        """Make ``model`` current if its name has no current version yet.
+
+        A bundle run or installed by hand is then what ``edge-run NAME`` runs (as Ollama's
+        pull); updates switch only after their health check, so they do not adopt.
+        """
+        if self.current(model.manifest.name) is None:
+            self.switch(model)
+
+    def find(self, name: str, version: str | None = None) -> InstalledModel | None:
+        """``NAME`` (its current version) or ``NAME:VERSION`` (current if it is that version,
+        else the newest install of it)."""
+        current = self.current(name)
+        if version is None or (current is not None and current.manifest.version == version):
+            return current
+        builds = [m for m in self.installed(name) if m.manifest.version == version]
+        return max(builds, key=lambda m: m.path.stat().st_mtime) if builds else None
+
+    def remove(self, name: str, version: str | None = None) -> list[InstalledModel]:
+        """Remove ``name`` entirely, or every install of one ``version`` that is not current."""
+        models = self.installed(name)
+        if version is None:
+            if models or (self.models_dir / name).is_dir():
+                remove_tree(self.models_dir / name)
+            return models
+        current = self.current(name)
+        if current is not None and current.manifest.version == version:
+            raise StoreError(
+                f"{name}:{version} is the current version of {name}",
+                hint=f"`edge-run rollback {name}` first, or `edge-run rm {name}` to remove the model",
+            )
+        doomed = [m for m in models if m.manifest.version == version]
+        previous = self.previous(name)
+        if previous is not None and previous.manifest.version == version:
+            (self.models_dir / name / "previous").unlink(missing_ok=True)
+        for m in doomed:
+            remove_tree(m.path)
+        return doomed
+
+    def size(self, model: InstalledModel) -> int:
+        return sum(f.size for f in model.manifest.files)
 
     def prune(self, name: str) -> list[Path]:
         """Remove installed versions of ``name`` other than current and previous."""

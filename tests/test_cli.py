@@ -16,6 +16,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import tiny
+from conftest import build_bundle
 from edgephi.packager.cli import app as pack_app
 from edgephi.runtime.cli import app as run_app
 from edgephi.runtime.store import Store
@@ -180,9 +182,10 @@ def test_debug_variable_shows_the_traceback(tmp_path: Path) -> None:
 
 def test_list_shows_installed_models(phi3_bundle: Path) -> None:
     assert CliRunner().invoke(run_app, ["list"]).stdout == ""
-    Store().install(phi3_bundle)
-    result = CliRunner().invoke(run_app, ["list"])
-    assert "phi35-tiny\t1.0.0\tint4" in result.stdout
+    Store().install(phi3_bundle)  # installed, but not run: no version is current yet
+    lines = CliRunner().invoke(run_app, ["list"]).stdout.splitlines()
+    assert lines[0].split()[:3] == ["NAME", "VERSION", "PRECISION"]
+    assert lines[1].split()[:4] == ["phi35-tiny", "1.0.0", "int4", "cpu"]
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["run", "--help"]])
@@ -191,8 +194,6 @@ def test_help_works(argv: list[str]) -> None:
 
 
 def test_cli_build_signs_and_versions_a_bundle(tmp_path: Path) -> None:
-    import tiny
-
     runner = CliRunner()
     key = tmp_path / "k.key"
     assert runner.invoke(pack_app, ["keygen", str(key)]).exit_code == 0
@@ -398,3 +399,41 @@ def test_an_unsigned_bundle_refused_by_the_trust_store_asks_for_a_signed_one(
     line = _one_error_line(proc)
     assert "the bundle is unsigned" in line and "ask its publisher for a signed build" in line
     assert "trust add" not in line
+
+
+def test_installed_models_run_list_and_go_by_name(tmp_path: Path) -> None:
+    """Ollama's habits: the first install of a name is current, NAME[:VERSION] runs, rm removes."""
+    home = ["--store", str(tmp_path / "home")]
+    v1, v2 = (
+        build_bundle(tiny.tiny_model("llama"), tmp_path / f"v{v}.phi", name="names", version=v)
+        for v in ("1.0.0", "1.1.0")
+    )
+
+    def edge_run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*exe("edge-run"), *args, *home], capture_output=True, text=True, timeout=120)
+
+    by_file = edge_run(str(v1), "-p", "Hi", "-n", "4", "-t", "0")
+    assert by_file.returncode == 0, by_file.stderr
+    assert edge_run(str(v2), "-p", "Hi", "-n", "4", "-t", "0").returncode == 0  # installed, not current
+    for ref in ("names", "names:1.0.0"):
+        by_name = edge_run(ref, "-p", "Hi", "-n", "4", "-t", "0")
+        assert by_name.returncode == 0 and by_name.stdout == by_file.stdout, by_name.stderr
+    assert edge_run("names:1.1.0", "-p", "Hi", "-n", "4", "-t", "0").returncode == 0
+    missing = edge_run("names:9.9.9", "-p", "Hi")
+    assert "names has no version 9.9.9 installed; it has 1.0.0, 1.1.0" in _one_error_line(missing)
+
+    listing = edge_run("list").stdout.splitlines()
+    assert listing[0].split() == ["NAME", "VERSION", "PRECISION", "TARGET", "SIZE", "INSTALLED"]
+    assert [ln.split()[:3] for ln in listing[1:]] == [["*", "names", "1.0.0"], ["names", "1.1.0", "int4"]]
+    rows = json.loads(edge_run("list", "--json").stdout)
+    assert [(r["version"], r["current"]) for r in rows] == [("1.0.0", True), ("1.1.0", False)]
+    assert all(r["size_bytes"] > 1 << 20 for r in rows)
+
+    refused = edge_run("rm", "names:1.0.0")
+    assert refused.returncode == 1
+    assert "names:1.0.0 is the current version of names" in _one_error_line(refused)
+    assert edge_run("rm", "names:1.1.0").stdout.startswith("removed names:1.1.0 (1 install, ")
+    assert [r["version"] for r in json.loads(edge_run("list", "--json").stdout)] == ["1.0.0"]
+    assert edge_run("rm", "names").returncode == 0
+    assert json.loads(edge_run("list", "--json").stdout) == []
+    assert "names is not installed" in _one_error_line(edge_run("rm", "names"))
