@@ -460,11 +460,20 @@ def update_cmd(
         str | None, typer.Argument(help="Model name (default: every installed one offered).")
     ] = None,
     check: Annotated[bool, typer.Option("--check", help="Only say whether an update is available.")] = False,
+    retry: Annotated[
+        bool, typer.Option("--retry", help="Take again the versions of MODEL rolled back on this device.")
+    ] = False,
     store: StoreOpt = None,
 ) -> None:
     """Update models from a signed channel: verify, download with resume, health-check, switch."""
     from edgephi.runtime import updater
 
+    if retry:
+        if model is None:
+            raise ConfigError("--retry needs the MODEL whose rolled-back versions to take again")
+        cleared = (Store(store) if store else Store()).clear_rejected(model)
+        if cleared:
+            console.info(f"({model}: {', '.join(sorted(cleared))} may be installed again)")
     results = updater.update(
         channel_url, model, store=Store(store) if store else None, check_only=check, say=console.info
     )
@@ -481,7 +490,25 @@ def rollback_cmd(
     from edgephi.runtime import updater
 
     restored = updater.rollback(model, Store(store) if store else None)
-    print(f"{model}: rolled back to {restored.manifest.version}")
+    print(
+        f"{model}: rolled back to {restored.manifest.version}; updates skip the version rolled back "
+        f"from until a newer one is published (`edge-run update CHANNEL {model} --retry` takes it again)"
+    )
+
+
+@app.command("hold")
+def hold_cmd(
+    model: Annotated[str, typer.Argument(help="The model to keep at its current version.")],
+    off: Annotated[bool, typer.Option("--off", help="Let updates move it again.")] = False,
+    store: StoreOpt = None,
+) -> None:
+    """Keep a model at its current version whatever its channel offers (for fleets that must not move)."""
+    the_store = Store(store) if store else Store()
+    current = the_store.current(model)
+    if current is None:
+        raise BundleNotFound(f"{model} is not installed", hint="`edge-run list` shows what is")
+    the_store.hold(model, not off)
+    print(f"{model}: {'released; updates may move it' if off else f'held at {current.manifest.version}'}")
 
 
 @app.command()
@@ -582,9 +609,9 @@ def bench(
 
 
 # Every command and group registered above (a new one cannot be forgotten here).
-_COMMANDS = {
-    c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands
-} | {g.name or "" for g in app.registered_groups}
+_COMMANDS = {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands} | {
+    g.name or "" for g in app.registered_groups
+}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edgephi.runtime import bundle, modelcheck
 from edgephi.runtime.errors import BundleFormatError, EdgeError, StoreError
@@ -198,19 +199,53 @@ class Store:
         atomic_write_bytes(folder / "current", prev.path.name.encode())
         return prev
 
-    def highest_accepted(self, name: str) -> str | None:
+    # models/<name>/state.json: {"highest": the highest version ever accepted, "rejected":
+    # versions rolled back from (updates skip them), "held": updates leave the model alone}.
+
+    def _state(self, name: str) -> dict[str, Any]:
         try:
-            value = json.loads((self.models_dir / name / "state.json").read_text(encoding="utf-8"))["highest"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+            state = json.loads((self.models_dir / name / "state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return state if isinstance(state, dict) else {}
+
+    def _write_state(self, name: str, state: dict[str, Any]) -> None:
+        atomic_write_bytes(self.models_dir / name / "state.json", json.dumps(state, sort_keys=True).encode())
+
+    def highest_accepted(self, name: str) -> str | None:
+        value = self._state(name).get("highest")
         return value if isinstance(value, str) and is_valid_version(value) else None
 
     def accept(self, name: str, version: str) -> None:
         """Record ``version`` as accepted; the highest accepted version never goes down."""
         highest = self.highest_accepted(name)
         if highest is None or version_key(version) > version_key(highest):
-            data = json.dumps({"highest": version}).encode()
-            atomic_write_bytes(self.models_dir / name / "state.json", data)
+            self._write_state(name, {**self._state(name), "highest": version})
+
+    def rejected(self, name: str) -> set[str]:
+        """Versions rolled back from on this device: updates do not take them again."""
+        values = self._state(name).get("rejected")
+        return {v for v in values if isinstance(v, str)} if isinstance(values, list) else set()
+
+    def reject(self, name: str, version: str) -> None:
+        state = self._state(name)
+        self._write_state(
+            name, {**state, "rejected": sorted(self.rejected(name) | {version}, key=version_key)}
+        )
+
+    def clear_rejected(self, name: str) -> set[str]:
+        cleared = self.rejected(name)
+        if cleared:
+            self._write_state(name, {k: v for k, v in self._state(name).items() if k != "rejected"})
+        return cleared
+
+    def held(self, name: str) -> bool:
+        return self._state(name).get("held") is True
+
+    def hold(self, name: str, on: bool = True) -> None:
+        """Keep ``name`` at its current version whatever a channel offers (or stop keeping it)."""
+        state = {k: v for k, v in self._state(name).items() if k != "held"}
+        self._write_state(name, {**state, "held": True} if on else state)
 
     def adopt(self, model: InstalledModel) -> None:
         """Make ``model`` current if its name has no current version yet.

@@ -56,7 +56,7 @@ Say = Callable[[str], None]
 @dataclass(frozen=True)
 class UpdateResult:
     name: str
-    status: str  # "updated", "up-to-date" or "available"
+    status: str  # "updated", "up-to-date", "available", "held" or "rejected"
     old_version: str | None
     new_version: str
     downloaded_bytes: int = 0
@@ -69,6 +69,16 @@ class UpdateResult:
             )
         if self.status == "available":
             return f"{self.name}: update available {old} → {self.new_version}"
+        if self.status == "held":
+            return (
+                f"{self.name}: held at {old} (the channel offers {self.new_version}; "
+                f"`edge-run hold {self.name} --off` releases it)"
+            )
+        if self.status == "rejected":
+            return (
+                f"{self.name}: stays at {old}; {self.new_version} was rolled back on this device "
+                f"(a newer version will be taken; `edge-run update … {self.name} --retry` takes it again)"
+            )
         return f"{self.name}: up to date ({self.new_version})"
 
 
@@ -153,6 +163,10 @@ def _update_one(
     name = release.name
     current = store.current(name)
     old = current.manifest.version if current else None
+    if store.held(name):
+        return UpdateResult(name, "held", old, release.version)
+    if release.version in store.rejected(name):
+        return UpdateResult(name, "rejected", old, release.version)
     highest = store.highest_accepted(name)
     if highest and version_key(release.version) < version_key(highest):
         raise DowngradeRefused(
@@ -327,4 +341,9 @@ def rollback(name: str, store: Store | None = None) -> InstalledModel:
     """Make the previous version current again (the newer one stays installed as previous)."""
     store = store or Store()
     with update_lock(store):
-        return store.rollback(name)
+        rolled_from = store.current(name)
+        restored = store.rollback(name)
+        if rolled_from is not None and rolled_from.manifest.version != restored.manifest.version:
+            # Remembered, or the next `edge-run update` (a cron job) would undo the rollback.
+            store.reject(name, rolled_from.manifest.version)
+        return restored

@@ -128,7 +128,9 @@ def edge_run(
 ) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def,type-arg]
     exe = str(Path(sys.executable).with_name("edge-run"))
     return subprocess.run(
-        [exe, *args, "--store", str(store.root)] if args[0] in ("update", "rollback") else [exe, *args],
+        [exe, *args, "--store", str(store.root)]
+        if args[0] in ("update", "rollback", "hold")
+        else [exe, *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -137,7 +139,7 @@ def edge_run(
     )
 
 
-def test_update_v1_to_v2_then_rollback(device: Store, channel, releases, key) -> None:  # type: ignore[no-untyped-def]
+def test_update_v1_to_v2_then_rollback(device: Store, channel, releases, key, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     folder, server = channel
     publish(releases["1.0.0"], folder, key)
     [first] = updater.update(server.url, NAME, store=device)
@@ -152,8 +154,34 @@ def test_update_v1_to_v2_then_rollback(device: Store, channel, releases, key) ->
     out = edge_run(device, "rollback", NAME)
     assert out.returncode == 0 and "rolled back to 1.0.0" in out.stdout
     runs(device, "1.0.0")
-    # Rolling back does not lower the accepted version: updating brings 1.1.0 back.
-    assert updater.update(server.url, store=device)[0].new_version == "1.1.0"
+    # The rollback sticks: the next update (a cron job) does not take 1.1.0 again...
+    [kept] = updater.update(server.url, store=device)
+    assert (kept.status, kept.old_version, kept.new_version) == ("rejected", "1.0.0", "1.1.0")
+    assert "1.1.0 was rolled back on this device" in kept.line()
+    runs(device, "1.0.0")
+    # ... unless the user asks for it again,
+    out = edge_run(device, "update", server.url, NAME, "--retry")
+    assert out.returncode == 0 and "updated 1.0.0 → 1.1.0" in out.stdout, out.stderr
+    runs(device, "1.1.0")
+    # or a newer version is published.
+    edge_run(device, "rollback", NAME)
+    publish(derive(releases["1.0.0"], tmp_path / "v4.phi", "1.3.0", key, note("v4")), folder, key)
+    assert updater.update(server.url, store=device)[0].status == "updated"
+    runs(device, "1.3.0")
+
+
+def test_a_held_model_stays_until_released(device: Store, channel, releases, key) -> None:  # type: ignore[no-untyped-def]
+    folder, server = channel
+    publish(releases["1.0.0"], folder, key)
+    updater.update(server.url, NAME, store=device)
+    out = edge_run(device, "hold", NAME)
+    assert out.returncode == 0 and out.stdout.strip() == f"{NAME}: held at 1.0.0"
+    publish(releases["1.1.0"], folder, key)
+    [held] = updater.update(server.url, store=device)
+    assert (held.status, held.old_version, held.new_version) == ("held", "1.0.0", "1.1.0")
+    runs(device, "1.0.0")
+    assert edge_run(device, "hold", NAME, "--off").returncode == 0
+    assert updater.update(server.url, store=device)[0].status == "updated"
     runs(device, "1.1.0")
 
 
