@@ -134,6 +134,24 @@ def build(
         console.info(f"quality: {_quality_line(m.quality)}")
 
 
+def _generation_line(generation: object) -> str:
+    """How an answer is chosen when the user says nothing: ``greedy, repetition penalty 1.1 (…)``."""
+    if not isinstance(generation, dict):
+        return "the builder's (greedy)"
+    how = (
+        f"sampling at temperature {generation.get('temperature')}, top-p {generation.get('top_p')}, "
+        f"top-k {generation.get('top_k')}"
+        if generation.get("do_sample")
+        else "greedy"
+    )
+    origin = (
+        "the model's generation_config"
+        if generation.get("from") == "generation_config"
+        else "edgephi's: the model gives none"
+    )
+    return f"{how}, repetition penalty {generation.get('repetition_penalty')} ({origin})"
+
+
 def _inputs_line(model: dict[str, Any]) -> str:
     vision = model.get("vision")
     if not isinstance(vision, dict):
@@ -181,6 +199,7 @@ def inspect(
         ("weights", _size(m.memory.get("weights_bytes", 0))),
         ("KV cache", f"{_size(m.memory.get('kv_bytes_per_token', 0))} per token"),
         ("chat template", "yes" if m.chat_template else "no"),
+        ("defaults", _generation_line(m.model.get("generation"))),
         ("inputs", _inputs_line(m.model)),
         ("quality", _quality_line(m.quality)),
         ("signature", f"signed by {', '.join(m.signed_by)}" if m.signed_by else "unsigned"),

@@ -40,6 +40,39 @@ def set_default_context(model_dir: Path, context: int) -> int:
     return value
 
 
+SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
+# For models whose authors give no generation settings (GGUF files never carry them):
+# Ollama's default penalty, mild enough to leave answers alone and enough to break the
+# loops greedy decoding falls into on small models (SmolLM2 repeated one sentence to the
+# end of --max-tokens; a JSON answer filled it with digits).
+DEFAULT_REPETITION_PENALTY = 1.1
+
+
+def set_generation_defaults(model_dir: Path, generation_config: Path | None) -> dict[str, Any]:
+    """The answer defaults, in ``search`` of genai_config.json (where og and the runtime read
+    them) and returned for the manifest: the model author's, else edgephi's."""
+    given: dict[str, Any] = {}
+    if generation_config is not None and generation_config.is_file():
+        loaded = json.loads(generation_config.read_text(encoding="utf-8"))
+        given = loaded if isinstance(loaded, dict) else {}
+    path = model_dir / "genai_config.json"
+    genai = json.loads(path.read_text(encoding="utf-8"))
+    search = genai.setdefault("search", {})
+    origin = "generation_config"
+    if not any(k in given for k in SAMPLING_KEYS):
+        origin = "edgephi"
+        search["repetition_penalty"] = DEFAULT_REPETITION_PENALTY
+        path.write_text(json.dumps(genai, indent=4) + "\n", encoding="utf-8")
+    return {
+        "do_sample": bool(search.get("do_sample", False)),
+        "temperature": float(search.get("temperature", 1.0)),
+        "top_k": int(search.get("top_k", 50)),
+        "top_p": float(search.get("top_p", 1.0)),
+        "repetition_penalty": float(search.get("repetition_penalty", 1.0)),
+        "from": origin,
+    }
+
+
 def has_chat_template(model_dir: Path) -> bool:
     if (model_dir / "chat_template.jinja").is_file() or (model_dir / "chat_template.json").is_file():
         return True

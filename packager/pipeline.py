@@ -280,10 +280,18 @@ def _build_in(
         # The target's default would not hold one picture (up to 2653 tokens) and a question.
         wanted = max(wanted, finalize.VISION_CONTEXT)
     context = finalize.set_default_context(onnx_dir, wanted)
+    if source.kind == "hf-id":
+        found = sorted(request.cache_dir.rglob("generation_config.json"))
+        generation_config = found[0] if found else None
+    else:
+        folder = source.path if multimodal and source.path is not None else Path(builder_input)
+        generation_config = folder / "generation_config.json"
+    generation = finalize.set_generation_defaults(onnx_dir, generation_config)
     chat_template = finalize.has_chat_template(onnx_dir)
     files = finalize.file_entries(onnx_dir)
     model = finalize.model_facts(onnx_dir, hf_config)
     model["default_context"] = context
+    model["generation"] = generation
     model["lm_head_pruned"] = True
     model["kv_cache"] = target.kv_cache.value
     if graph is not None:

@@ -120,8 +120,11 @@ def hf_logits(model_dir: Path, ids: list[int], **overrides: object) -> np.ndarra
         return _hf_model(model_dir, **overrides)(torch.tensor([ids])).logits[0, -1].numpy()
 
 
-def hf_greedy(model_dir: Path, ids: list[int], max_tokens: int, eos: tuple[int, ...]) -> list[int]:
-    """transformers' own greedy generation, FP32, from the same prompt ids."""
+def hf_greedy(
+    model_dir: Path, ids: list[int], max_tokens: int, eos: tuple[int, ...], repetition_penalty: float
+) -> list[int]:
+    """transformers' own greedy generation, FP32, from the same prompt ids, with the
+    bundle's repetition penalty (the same CTRL rule over prompt and answer as og's)."""
     import torch
 
     with torch.no_grad():
@@ -130,6 +133,7 @@ def hf_greedy(model_dir: Path, ids: list[int], max_tokens: int, eos: tuple[int, 
             attention_mask=torch.ones(1, len(ids), dtype=torch.long),
             max_new_tokens=max_tokens,
             do_sample=False,
+            repetition_penalty=repetition_penalty,
             eos_token_id=list(eos),
             pad_token_id=eos[0],
         )
@@ -197,7 +201,9 @@ def test_family_fp32_matches_transformers(family: str, bundles, store: Store) ->
     assert float(np.abs(ours - theirs).max()) < LOGIT_TOLERANCE
     tokens = og_greedy(installed, ids, TOKENS)
     assert len(tokens) >= 4, f"{family}: only {tokens} before an end token; the comparison would say little"
-    assert tokens == hf_greedy(family_dir(family), ids, TOKENS, engine.eos_ids)
+    penalty = engine.search_defaults.repetition_penalty
+    assert penalty == 1.1  # edgephi's default: these tiny models' generation_config gives none
+    assert tokens == hf_greedy(family_dir(family), ids, TOKENS, engine.eos_ids, penalty)
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])

@@ -8,12 +8,14 @@ INT4 bundles and run.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import onnxruntime_genai as og
 import pytest
 import tiny
 from conftest import build_bundle
+from edgephi.packager.cli import app as pack_app
 from edgephi.runtime import load
 from edgephi.runtime.chat import Conversation
 from edgephi.runtime.cli import app as run_app
@@ -129,3 +131,59 @@ def test_context_overflow_and_trimming(phi3_bundle: Path, store: Store) -> None:
     assert chat.dropped > 0  # old exchanges made room
     assert chat.messages[-2]["content"].startswith("question number 5")
     assert engine.count_tokens(engine.format_prompt(chat.messages)) <= 96
+
+
+def _most_repeated_phrase(text: str, words: int = 6) -> int:
+    tokens = text.split()
+    grams = [" ".join(tokens[i : i + words]) for i in range(len(tokens) - words + 1)]
+    return max((grams.count(g) for g in set(grams)), default=0)
+
+
+def test_a_model_without_generation_settings_gets_a_mild_repetition_penalty(
+    smollm2_bundle: Path, store: Store
+) -> None:
+    """The GGUF carries no generation settings: greedy alone loops on the README's example."""
+    installed = store.install(smollm2_bundle)
+    assert installed.manifest.model["generation"] == {
+        "do_sample": False,
+        "temperature": 1.0,
+        "top_k": 50,
+        "top_p": 1.0,
+        "repetition_penalty": 1.1,
+        "from": "edgephi",
+    }
+    inspect = CliRunner().invoke(pack_app, ["inspect", str(smollm2_bundle)])
+    assert "greedy, repetition penalty 1.1 (edgephi's: the model gives none)" in inspect.stdout
+    question = "Why is the sea salty?"
+
+    def answer(*extra: str) -> str:
+        result = CliRunner().invoke(
+            run_app, ["run", str(smollm2_bundle), "-p", question, "-n", "200", *extra]
+        )
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    looping = answer("-t", "0", "--repetition-penalty", "1.0")
+    assert _most_repeated_phrase(looping) >= 3  # the loop the default is there for
+    assert _most_repeated_phrase(answer()) <= 2
+    assert answer() == answer("-t", "0")  # the default is greedy: -t 0 changes nothing
+
+
+def test_the_model_authors_generation_settings_are_kept(tmp_path: Path, store: Store) -> None:
+    source = tmp_path / "llama-sampling"
+    shutil.copytree(tiny.tiny_model("llama"), source)
+    (source / "generation_config.json").write_text(
+        json.dumps(
+            {"bos_token_id": 1, "eos_token_id": 2, "do_sample": True, "temperature": 0.6, "top_p": 0.9}
+        )
+    )
+    installed = store.install(build_bundle(source, tmp_path / "s.phi"))
+    generation = installed.manifest.model["generation"]
+    assert (generation["from"], generation["do_sample"], generation["temperature"]) == (
+        "generation_config",
+        True,
+        0.6,
+    )
+    assert generation["repetition_penalty"] == 1.0
+    genai = json.loads((installed.path / "genai_config.json").read_text())
+    assert (genai["search"]["temperature"], genai["search"]["top_p"]) == (0.6, 0.9)
