@@ -32,6 +32,7 @@ and its random generator at creation, so a sampled answer picks its tokens in
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -369,7 +370,7 @@ class Session:
         params.set_search_options(max_length=run.max_length, **search)
         try:
             if options.json_schema is not None:
-                params.set_guidance("json_schema", options.json_schema)
+                params.set_guidance("json_schema", compact_json(options.json_schema))
             elif options.regex is not None:
                 params.set_guidance("regex", options.regex)
         except Exception as exc:
@@ -573,6 +574,23 @@ def _array(ids: Sequence[int]) -> Any:
     import numpy as np
 
     return np.asarray(ids, dtype=np.int32)
+
+
+def compact_json(schema: str) -> str:
+    """``schema`` with llguidance told to allow no whitespace between JSON tokens.
+
+    Left flexible, the grammar lets a small model fill the answer with spaces and newlines
+    (SmolLM2 spent --max-tokens on ``{\\n \\n    "city":\\n     \\n…``); llama.cpp's JSON
+    grammars bound whitespace too. A schema that says otherwise (its own ``x-guidance``)
+    is left as it is.
+    """
+    try:
+        parsed = json.loads(schema)
+    except ValueError:
+        return schema  # og reports it, as for any schema it refuses
+    if not isinstance(parsed, dict) or "x-guidance" in parsed:
+        return schema
+    return json.dumps({**parsed, "x-guidance": {"whitespace_flexible": False}})
 
 
 def pick(sessions: Sequence[Session], ids: Sequence[int], last_used: Sequence[float]) -> int:

@@ -109,6 +109,28 @@ def test_text_completion_and_json_mode(client: openai.OpenAI) -> None:
     assert set(json.loads(out.choices[0].message.content or "")) == {"city"}
 
 
+def test_a_json_schema_answer_is_compact_parses_and_stops(client: openai.OpenAI) -> None:
+    """The grammar allows no whitespace between JSON tokens, so the model cannot stall in it."""
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+        "required": ["city", "population"],
+        "additionalProperties": False,
+    }
+    out = client.chat.completions.create(
+        model="smollm2-135m-instruct",
+        messages=[{"role": "user", "content": "Give the largest city of France and its population as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
+        max_tokens=80,
+        temperature=0,
+    )
+    content = out.choices[0].message.content or ""
+    assert out.choices[0].finish_reason == "stop", content
+    answer = json.loads(content)
+    assert set(answer) == {"city", "population"}
+    assert content == json.dumps(answer, ensure_ascii=False, separators=(",", ":"))
+
+
 def test_concurrent_requests_complete(client: openai.OpenAI) -> None:
     def ask(i: int) -> str:
         out = client.chat.completions.create(
