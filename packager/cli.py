@@ -247,7 +247,12 @@ def eval_cmd(
                 bundle.extract(path, folder)
                 folders.append(folder)
         result = evaluate.evaluate(
-            folders[0], folders[1] if reference else None, text, window=window, max_windows=windows
+            folders[0],
+            folders[1] if reference else None,
+            text,
+            window=window,
+            max_windows=windows,
+            progress=console.info,
         )
     print(json.dumps(result.to_dict(), indent=2) if as_json else result.table())
 

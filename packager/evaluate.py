@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -85,8 +86,12 @@ def evaluate(
     *,
     window: int = 256,
     max_windows: int = 4,
+    progress: Callable[[str], None] | None = None,
 ) -> EvalResult:
-    """Perplexity of ``model_dir`` on ``text`` (and KL / top-1 against ``reference_dir``)."""
+    """Perplexity of ``model_dir`` on ``text`` (and KL / top-1 against ``reference_dir``).
+
+    ``progress`` hears one line per window: the measurement takes minutes on a small CPU.
+    """
     import numpy as np
     from edgephi.runtime.genai import default_threads, open_model
     from edgephi.runtime.genai import og as _og
@@ -105,6 +110,8 @@ def evaluate(
     nll = nll_ref = kl = 0.0
     agree = predicted = 0
     for w in range(count):
+        if progress is not None:
+            progress(f"      reading {text.name}: window {w + 1} of {count} ({window} tokens each)")
         chunk = ids[w * window : (w + 1) * window]
         gens = [_generator(og, m, window) for m in (model, reference) if m is not None]
         for pos in range(window - 1):

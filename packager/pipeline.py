@@ -75,7 +75,7 @@ def _quality(
     """The quality card: the packed model against an FP32 build of the same source."""
     from edgephi.packager import evaluate
 
-    progress("      measuring quality against an FP32 build of the same source")
+    progress("      measuring quality: building an FP32 reference of the same source")
     reference = dataclasses.replace(
         request,
         output_dir=workdir / "reference",
@@ -85,7 +85,7 @@ def _quality(
         exclude_nodes=(),
     )
     builder.export(reference)
-    result = evaluate.evaluate(onnx_dir, reference.output_dir)
+    result = evaluate.evaluate(onnx_dir, reference.output_dir, progress=progress)
     for line in result.table().splitlines():
         progress(f"      {line}")
     increase = result.ppl_increase or 0.0

@@ -51,6 +51,9 @@ def test_the_quality_card_is_stored_and_shown(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     card = bundle.open_bundle(out).manifest.quality
+    # The minutes-long step says what it is doing, window by window.
+    for w in range(1, card["windows"] + 1):
+        assert f": window {w} of {card['windows']} (256 tokens each)" in result.output
     assert card["ppl_reference"] > 0 and card["ppl"] > 0 and 0 <= card["top1_agreement"] <= 1
     assert card["recipe"] == "target cpu"
     assert "vs FP32" in CliRunner().invoke(pack_app, ["inspect", str(out)]).stdout
