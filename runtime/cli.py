@@ -181,7 +181,7 @@ def run(
         )
     except ConfigError as exc:
         # The options' own words are their Python/JSON names; on this command line they are flags.
-        raise ConfigError(as_flags(str(exc))) from None
+        raise ConfigError(as_flags(str(exc)), hint=exc.hint) from None
     if show_plan:
         budget = memory.parse_size(memory_budget) if memory_budget else None
         the_plan = loader.plan(

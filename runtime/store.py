@@ -7,7 +7,8 @@ Layout under the store root (``EDGEPHI_HOME``, else ``$XDG_DATA_HOME/edgephi``, 
         manifest.json                                 the manifest it was verified against
         <model files>
     models/<name>/current, previous                   which version runs, and the one before
-    models/<name>/state.json                          the highest version ever accepted
+    models/<name>/state.json                          the highest version ever accepted,
+                                                      versions rolled back from, a hold
     downloads/                                        update downloads, kept across restarts
     staging/<random>/                                 an install in progress
     trusted-keys/*.pub                                the trust store (unless EDGEPHI_TRUST is set)
@@ -96,14 +97,12 @@ class Store:
         info = checked if checked is not None else bundle.open_bundle(Path(bundle_path), policy)
         final = self.install_dir(info.manifest)
         if self._is_installed(final, info.manifest):
-            model = InstalledModel(final, info.manifest, reused=True, verification=info.verification)
-        else:
-            with self.staging() as staging:
-                extracted = bundle.extract(info.path, staging, policy)
-                if extracted.manifest.digest != info.manifest.digest:
-                    raise BundleFormatError("the bundle changed while it was being installed")
-                model = self.commit(staging, extracted.manifest, info.verification)
-        return model
+            return InstalledModel(final, info.manifest, reused=True, verification=info.verification)
+        with self.staging() as staging:
+            extracted = bundle.extract(info.path, staging, policy)
+            if extracted.manifest.digest != info.manifest.digest:
+                raise BundleFormatError("the bundle changed while it was being installed")
+            return self.commit(staging, extracted.manifest, info.verification)
 
     @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:
