@@ -427,6 +427,23 @@ def remove(
     print(f"removed {model} ({len(removed)} install{'s' if len(removed) > 1 else ''}, {freed})")
 
 
+@app.command("prune")
+def prune_cmd(
+    model: Annotated[str | None, typer.Argument(help="One model (default: every installed one).")] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Remove old installs: never the current or previous version, nor one a running edge-run uses."""
+    the_store = Store(store) if store else Store()
+    names = [model] if model else sorted({m.manifest.name for m in the_store.installed()})
+    freed = 0
+    for name in names:
+        sizes = {m.path: the_store.size(m) for m in the_store.installed(name)}
+        for path in the_store.prune(name):
+            freed += sizes.get(path, 0)
+            print(f"removed {name} {path.name}")
+    print(f"freed {memory.format_size(freed)}")
+
+
 trust_app = typer.Typer(help="Manage the publisher keys this device trusts.", no_args_is_help=True)
 app.add_typer(trust_app, name="trust")
 

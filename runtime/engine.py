@@ -144,6 +144,8 @@ class Engine:
         self._adapters: Any = None
         self.verification: Any = None  # set by the loader: how the bundle's origin was checked
         self.plan: Any = None  # set by the loader: the memory plan behind ``context``
+        # Set by the loader for a model in the store: the lock `edge-run rm` and `prune` see.
+        self.in_use: Any = None
         self.session = Session(self)  # the KV cache that stream() and generate() reuse
 
     # --- prompts ------------------------------------------------------------------------

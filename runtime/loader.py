@@ -19,7 +19,7 @@ from edgephi.runtime.engine import Engine
 from edgephi.runtime.errors import BundleNotFound, IncompatibleBundle, NotAModel
 from edgephi.runtime.genai import default_threads
 from edgephi.runtime.manifest import Manifest, is_valid_name, is_valid_version, version_key
-from edgephi.runtime.store import InstalledModel, Store
+from edgephi.runtime.store import InstalledModel, InUse, Store
 
 
 def install(
@@ -150,6 +150,8 @@ def load(
             chat_template=manifest.chat_template if manifest else True,
         )
         engine.plan = mem_plan
+        if path.resolve().parent.parent == (store or Store()).models_dir.resolve():
+            engine.in_use = InUse(path)  # a model run by name from the store
         return engine
     if not path.exists():
         raise BundleNotFound(f"{path} does not exist")
@@ -171,4 +173,5 @@ def load(
     )
     engine.verification = installed.verification
     engine.plan = mem_plan
+    engine.in_use = InUse(installed.path)
     return engine

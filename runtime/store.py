@@ -41,6 +41,52 @@ from edgephi.runtime.manifest import Manifest, is_valid_version, version_key
 from edgephi.runtime.signing import TrustStore
 
 _STALE_STAGING_S = 24 * 3600
+IN_USE = ".in-use"
+
+
+class InUse:
+    """A shared lock held on an installed model while a process may read its files.
+
+    ``Store.remove`` and ``Store.prune`` leave a locked model alone. The lock goes with the
+    process (or this object). ``flock`` where the OS has it (Linux, Android, macOS);
+    elsewhere nothing is locked.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self._fd: int | None = None
+        try:
+            import fcntl
+        except ImportError:
+            return
+        try:
+            fd = os.open(folder / IN_USE, os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError:
+            return  # a read-only store: nothing can remove the model either
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        self._fd = fd
+
+    def __del__(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+
+
+def in_use(folder: Path) -> bool:
+    """Whether some process holds ``InUse`` on ``folder`` (this one included)."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        fd = os.open(folder / IN_USE, os.O_RDONLY)
+    except OSError:
+        return False  # never run since it was installed
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops the probe's own lock
+    return False
 
 
 def default_root() -> Path:
@@ -268,6 +314,7 @@ class Store:
         """Remove ``name`` entirely, or every install of one ``version`` that is not current."""
         models = self.installed(name)
         if version is None:
+            self._refuse_in_use(name, models)
             if models or (self.models_dir / name).is_dir():
                 remove_tree(self.models_dir / name)
             return models
@@ -278,6 +325,7 @@ class Store:
                 hint=f"`edge-run rollback {name}` first, or `edge-run rm {name}` to remove the model",
             )
         doomed = [m for m in models if m.manifest.version == version]
+        self._refuse_in_use(name, doomed)
         previous = self.previous(name)
         if previous is not None and previous.manifest.version == version:
             (self.models_dir / name / "previous").unlink(missing_ok=True)
@@ -285,15 +333,24 @@ class Store:
             remove_tree(m.path)
         return doomed
 
+    @staticmethod
+    def _refuse_in_use(name: str, models: list[InstalledModel]) -> None:
+        busy = [m.manifest.version for m in models if in_use(m.path)]
+        if busy:
+            raise StoreError(
+                f"{name} {', '.join(busy)} is in use by a running edge-run (a chat or a server)",
+                hint="stop it first; nothing was removed",
+            )
+
     def size(self, model: InstalledModel) -> int:
         return sum(f.size for f in model.manifest.files)
 
     def prune(self, name: str) -> list[Path]:
-        """Remove installed versions of ``name`` other than current and previous."""
+        """Remove installed versions of ``name`` other than current, previous and those in use."""
         keep = {m.path for m in (self.current(name), self.previous(name)) if m is not None}
         if not keep:
             return []
-        removed = [m.path for m in self.installed(name) if m.path not in keep]
+        removed = [m.path for m in self.installed(name) if m.path not in keep and not in_use(m.path)]
         for path in removed:
             remove_tree(path)
         return removed

@@ -437,3 +437,47 @@ def test_installed_models_run_list_and_go_by_name(tmp_path: Path) -> None:
     assert edge_run("rm", "names").returncode == 0
     assert json.loads(edge_run("list", "--json").stdout) == []
     assert "names is not installed" in _one_error_line(edge_run("rm", "names"))
+
+
+def test_a_model_in_use_is_not_removed_and_prune_keeps_what_matters(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    versions = ("1.0.0", "1.1.0", "1.2.0")
+    bundles = [
+        build_bundle(tiny.tiny_model("llama"), tmp_path / f"v{v}.phi", name="busy", version=v)
+        for v in versions
+    ]
+    store = Store(home)
+    for b in bundles:
+        store.install(b)
+    store.switch(store.find("busy", "1.0.0"))  # type: ignore[arg-type]
+    store.switch(store.find("busy", "1.1.0"))  # type: ignore[arg-type]  (1.0.0 is previous now)
+    server = subprocess.Popen(
+        [*exe("edge-run"), "serve", "busy:1.1.0", "--port", "0", "--store", str(home)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = ""
+        deadline = time.monotonic() + 120
+        while "serving" not in line and time.monotonic() < deadline:
+            line = server.stderr.readline()  # type: ignore[union-attr]
+        refused = subprocess.run(
+            [*exe("edge-run"), "rm", "busy", "--store", str(home)], capture_output=True, text=True, timeout=60
+        )
+        assert refused.returncode == 1
+        assert "busy 1.1.0 is in use by a running edge-run" in _one_error_line(refused)
+        assert len(store.installed("busy")) == 3  # nothing was removed
+        pruned = subprocess.run(
+            [*exe("edge-run"), "prune", "--store", str(home)], capture_output=True, text=True, timeout=60
+        )
+        assert pruned.returncode == 0, pruned.stderr
+        # 1.2.0 was neither current (1.1.0, and in use) nor previous (1.0.0): it went.
+        assert sorted(m.manifest.version for m in store.installed("busy")) == ["1.0.0", "1.1.0"]
+        assert pruned.stdout.splitlines()[-1].startswith("freed ")
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    removed = subprocess.run(
+        [*exe("edge-run"), "rm", "busy", "--store", str(home)], capture_output=True, text=True, timeout=60
+    )
+    assert removed.returncode == 0 and removed.stdout.startswith("removed busy (2 installs, ")
