@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edgephi.packager.builder import SUPPORTED_ARCHITECTURES
+from edgephi.runtime.bundle import GGUF_MAGIC
 from edgephi.runtime.errors import (
     DependencyMissing,
     NotAModel,
@@ -29,7 +30,6 @@ from edgephi.runtime.errors import (
     UnsupportedArchitecture,
 )
 
-GGUF_MAGIC = b"GGUF"
 _HF_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 

@@ -163,7 +163,7 @@ def _update_one(
     name = release.name
     current = store.current(name)
     old = current.manifest.version if current else None
-    if store.held(name):
+    if store.held(name) and release.version != old:
         return UpdateResult(name, "held", old, release.version)
     if release.version in store.rejected(name):
         return UpdateResult(name, "rejected", old, release.version)
