@@ -102,7 +102,8 @@ def test_repetition_penalty_lowers_repeats(smol: Engine) -> None:
         ).text.split()
         return collections.Counter(w.strip(".,").lower() for w in words).most_common(1)[0][1]
 
-    plain = top_repeat(GenerationOptions(max_tokens=96, temperature=0.0))
+    # The bundle's own default is a mild penalty (1.1): compare against none at all.
+    plain = top_repeat(GenerationOptions(max_tokens=96, temperature=0.0, repetition_penalty=1.0))
     penalised = top_repeat(GenerationOptions(max_tokens=96, temperature=0.0, repetition_penalty=1.5))
     assert penalised < plain
 
@@ -116,10 +117,13 @@ def test_no_repeat_ngram_changes_a_repetitive_answer(smol: Engine) -> None:
 
 def test_min_tokens_keeps_going_past_the_end_of_turn(smol: Engine) -> None:
     msgs = [{"role": "user", "content": "Reply with just the word yes."}]
-    short = smol.generate(msgs, GenerationOptions(max_tokens=64, temperature=0.0))
+    # Without the default repetition penalty: this is about min_tokens alone.
+    short = smol.generate(msgs, GenerationOptions(max_tokens=64, temperature=0.0, repetition_penalty=1.0))
     assert short.stats.finish_reason == "stop" and short.stats.generated_tokens < 60
     floor = short.stats.generated_tokens + 3
-    longer = smol.generate(msgs, GenerationOptions(max_tokens=64, min_tokens=floor, temperature=0.0))
+    longer = smol.generate(
+        msgs, GenerationOptions(max_tokens=64, min_tokens=floor, temperature=0.0, repetition_penalty=1.0)
+    )
     assert longer.stats.generated_tokens >= floor
 
 
