@@ -133,7 +133,10 @@ def build(config: BuildConfig, progress: Progress = lambda _msg: None) -> BuildR
         result = _build_in(config, source, keys, workdir, progress)
     except BuilderFailed as exc:
         # The work directory goes; the builder's own account of the failure stays.
-        shutil.copyfile(exc.log, kept_log)
+        try:
+            shutil.copyfile(exc.log, kept_log)
+        except OSError:  # (a full disk, say): the error itself still reaches the user
+            raise BuildError(str(exc), hint=exc.hint) from None
         hint = f"{exc.hint}; " if exc.hint and exc.hint != BuildError.hint else ""
         raise BuildError(
             str(exc), hint=f"{hint}its full log is {kept_log}; nothing else was written"
