@@ -274,7 +274,7 @@ class Engine:
         try:
             if not sandbox.available():
                 return process()
-            arrays = sandbox.run_forked(work)
+            arrays = sandbox.run_forked(work, sandbox.deadline_for(sum(i.width * i.height for i in images)))
         except sandbox.ChildDied as exc:
             raise BadImage(f"{names} could not be decoded ({exc}): the file is corrupt") from None
         except Exception as exc:  # og's own error, raised in the child or here

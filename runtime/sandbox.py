@@ -9,11 +9,18 @@ dies instead becomes one clear error. The parent never decodes a picture itself.
 
 ``fork`` is safe here because the engine runs one generation at a time: no other thread
 is inside onnxruntime while the child is made, and the child calls only the processor
-(image decoding and resizing on the calling thread) before ``os._exit``.
+(image decoding and resizing on the calling thread) before ``os._exit``. What a child of a
+threaded process must not do, it does not: it never runs the garbage collector (a finalizer
+of some unrelated onnxruntime object would wait on threads the child does not have), and
+the exit hook it needs is made in the parent, so the child neither ``dlopen``s nor builds a
+ctypes closure (both take process-wide locks another thread may have held at the fork). A
+child that still hangs — a lock inherited from some other library's thread — is killed
+after a deadline sized to its picture and tried once more before the picture is refused.
 """
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
@@ -21,11 +28,17 @@ import select
 import signal
 import time
 from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 Arrays = dict[str, Any]  # name -> numpy array
-TIMEOUT_S = 300.0  # a 67-megapixel photo on a Raspberry Pi takes seconds, not minutes
 EXITED = 70  # the child called exit() from native code (libjpeg's fatal error handler)
+
+
+def deadline_for(pixels: int) -> float:
+    """Seconds a child may take over ``pixels``: a 67-megapixel photo takes seconds on a
+    Raspberry Pi, so this is ample, and a child that hangs is found in a minute or so."""
+    return 30.0 + 4.0 * pixels / 1e6
 
 
 class ChildDied(Exception):
@@ -40,43 +53,66 @@ def available() -> bool:
     return hasattr(os, "fork")
 
 
-def _exit_at_exit(code: int) -> Any:
-    """Make C ``exit()`` in this (forked) process end it at once, skipping the atexit handlers.
+@cache
+def _exit_hook() -> tuple[Any, Any] | None:
+    """``(__cxa_atexit, callback)``: registering ``callback`` in a (forked) process makes C
+    ``exit()`` end it at once with ``EXITED``, skipping the atexit handlers.
 
     libjpeg's fatal errors call ``exit(1)``; the handlers that would then run include
     onnxruntime's static destructors, which wait on threads that do not exist in a forked
-    child and hang it for ever. Registered last, this runs first.
+    child and hang it for ever. Registered last, the callback runs first. Made once, in the
+    parent; ``None`` where the C library has no such hook (the deadline still ends a child).
     """
     import ctypes
 
-    callback = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _arg: os._exit(code))
     try:
         # glibc and bionic export atexit() only as __cxa_atexit(void (*)(void *), void *, void *).
-        ctypes.CDLL(None).__cxa_atexit(callback, None, None)
+        register = ctypes.CDLL(None).__cxa_atexit
     except (AttributeError, OSError):
-        return None  # no such hook here: the parent's timeout still ends a child that hangs
-    return callback  # keep it alive
+        return None
+    return register, ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _arg: os._exit(EXITED))
 
 
-def run_forked(work: Callable[[], Arrays], timeout: float = TIMEOUT_S) -> Arrays:
-    """``work()`` in a child process; its named arrays, or ``ChildFailed``/``ChildDied``."""
+def run_forked(work: Callable[[], Arrays], timeout: float, tries: int = 2) -> Arrays:
+    """``work()`` in a child process; its named arrays, or ``ChildFailed``/``ChildDied``.
+
+    A child with no result after ``timeout`` seconds is killed and, ``tries`` times in all,
+    made again: a hang inherited from another thread's lock does not recur in a new fork.
+    """
+    for attempt in range(tries):
+        try:
+            return _run_child(work, timeout)
+        except _Hung:
+            if attempt == tries - 1:
+                raise ChildDied(f"no result within {timeout:.0f} s, {tries} times") from None
+    raise AssertionError("unreachable")
+
+
+class _Hung(Exception):
+    pass
+
+
+def _run_child(work: Callable[[], Arrays], timeout: float) -> Arrays:
+    hook = _exit_hook()
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns
         code = 0
         try:
+            gc.disable()
             os.close(read_fd)
             # libjpeg prints its warnings to stderr; the parent reports one line instead.
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 2)
-            keep = _exit_at_exit(EXITED)
+            if hook is not None:
+                register, callback = hook
+                register(callback, None, None)
             try:
                 message = b"K" + _pack(work())
             except Exception as exc:
                 message = b"E" + str(exc).encode("utf-8", "replace")[:2000]
             with os.fdopen(write_fd, "wb") as out:
                 out.write(message)
-            del keep
         except BaseException:
             code = 3
         finally:
@@ -90,7 +126,7 @@ def run_forked(work: Callable[[], Arrays], timeout: float = TIMEOUT_S) -> Arrays
             if left <= 0 or not select.select([inp], [], [], left)[0]:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
-                raise ChildDied(f"no result within {timeout:.0f} s")
+                raise _Hung
             chunk = inp.read(1 << 20)
             if not chunk:
                 break
