@@ -316,7 +316,7 @@ def publish(
         float, typer.Option("--expires-days", help="Days until devices refuse the index.")
     ] = 30,
     blobs: Annotated[
-        bool, typer.Option("--blobs/--no-blobs", help="Also offer per-file blobs for deltas.")
+        bool, typer.Option("--blobs/--no-blobs", help="Offer per-file blobs (deltas), or the whole bundle.")
     ] = True,
 ) -> None:
     """Add a bundle to an update channel and re-sign its index."""

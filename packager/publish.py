@@ -1,11 +1,13 @@
 """``edge-pack publish``: add a bundle to an update channel folder (``edgephi.runtime.channel``).
 
 The bundle is verified first (every hash; its signature with the publisher's key), then
-copied under ``bundles/``, its manifest and signature under ``manifests/``, and each of
-its files under ``blobs/<sha256>`` unless already there — which is what lets a device
-download only what changed. Last, ``index.json`` is rewritten with the new release and
-signed; the index is the only file devices trust directly, so it is replaced atomically
-and after everything it points to is in place.
+its manifest and signature go under ``manifests/`` and each of its files under
+``blobs/<sha256>`` unless already there — which is what lets a device download only what
+changed, and stores each file once however many releases share it. A channel without
+blobs (``--no-blobs``, for hosts that serve a few big files better) gets the whole bundle
+under ``bundles/`` instead: every bundle is stored once, in one form. Last, ``index.json``
+is rewritten with the new release and signed; the index is the only file devices trust
+directly, so it is replaced atomically and after everything it points to is in place.
 """
 
 from __future__ import annotations
@@ -56,9 +58,10 @@ def publish(
             hint="rebuild or re-sign with a higher --version",
         )
     stem = f"{m.name}-{m.version}"
-    bundle_rel, manifest_rel = f"bundles/{stem}.phi", f"manifests/{stem}.json"
-    with atomic_output(channel_dir / bundle_rel) as tmp:
-        shutil.copyfile(bundle_path, tmp)
+    bundle_rel, manifest_rel = ("" if blobs else f"bundles/{stem}.phi"), f"manifests/{stem}.json"
+    if bundle_rel:
+        with atomic_output(channel_dir / bundle_rel) as tmp:
+            shutil.copyfile(bundle_path, tmp)
     raw = m.canonical_bytes()
     with zipfile.ZipFile(bundle_path) as zf:
         names = zf.namelist()

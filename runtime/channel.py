@@ -4,9 +4,9 @@ Layout, all paths relative to the channel root::
 
     index.json                       the signed index (canonical JSON, like a manifest)
     index.sig                        its signatures (the format of a bundle's manifest.sig)
-    bundles/<name>-<version>.phi     whole bundles
     manifests/<name>-<version>.json  each bundle's manifest, with .json.sig beside it
     blobs/<sha256>                   every model file once, named by its content hash
+    bundles/<name>-<version>.phi     or instead whole bundles (a channel without blobs)
 
 ``index.json``::
 
@@ -16,9 +16,10 @@ Layout, all paths relative to the channel root::
                            "manifest", "manifest_sha256", "blobs", "requires_runtime", "target"}}}
 
 A device needs only the index, the manifest and the blobs it does not already have (a
-delta: a tokenizer-only release downloads kilobytes); ``bundle`` is the whole file, for
-channels without blobs and for people. The index is only accepted with a valid signature
-by a trusted key and before ``expires_at``.
+delta: a tokenizer-only release downloads kilobytes). A release offers ``blobs`` or a
+whole ``bundle`` (the other is ``""``); ``size`` and ``sha256`` are the published
+bundle's either way, so whoever holds a ``.phi`` can tell whether it is the one released.
+The index is only accepted with a valid signature by a trusted key and before ``expires_at``.
 """
 
 from __future__ import annotations
@@ -81,8 +82,12 @@ class Release:
             raise ChannelError(f"channel index entry {name!r} lacks {exc}") from None
         if not is_valid_version(release.version) or not is_valid_version(release.requires_runtime):
             raise ChannelError(f"channel index entry {name!r} has an invalid version")
+        if not isinstance(release.bundle, str) or not isinstance(release.blobs, str):
+            raise ChannelError(f"channel index entry {name!r} is malformed")
+        if not (release.bundle or release.blobs):
+            raise ChannelError(f"channel index entry {name!r} offers neither blobs nor a bundle")
         try:
-            for path in (release.bundle, release.manifest) + ((release.blobs,) if release.blobs else ()):
+            for path in (release.manifest, *(p for p in (release.bundle, release.blobs) if p)):
                 check_member_path(path)
         except EdgeError:
             raise ChannelError(f"channel index entry {name!r} has a path that leaves the channel") from None

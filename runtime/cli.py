@@ -556,6 +556,10 @@ def serve(
             help="One line per request on stderr: method, path, status, tokens, TTFT, time; never text.",
         ),
     ] = True,
+    log_prompts: Annotated[
+        bool,
+        typer.Option("--log-prompts", help="Add each request's prompt and answer to its log line."),
+    ] = False,
     threads: Threads = None,
     context: Context = None,
     memory_budget: MemoryBudget = None,
@@ -592,7 +596,8 @@ def serve(
         max_body=max_body or (server.VISION_MAX_BODY if engine.vision else server.TEXT_MAX_BODY),
         max_tokens_default=max_tokens,
         slots=slots or fit,
-        log_requests=log,
+        log_requests=log or log_prompts,
+        log_prompts=log_prompts,
     )
     caches = f"{config.slots} conversation cache{'s' if config.slots > 1 else ''}"
     server.serve(

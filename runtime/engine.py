@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgephi.runtime import sandbox
+from edgephi.runtime import sandbox, tools
 from edgephi.runtime.errors import BadImage, ConfigError, ContextOverflow, GenerationError
 from edgephi.runtime.genai import default_threads, og, open_model
 from edgephi.runtime.images import Image, load_image
@@ -37,7 +37,7 @@ from edgephi.runtime.session import Request, Session, Stats
 if TYPE_CHECKING:
     from edgephi.runtime.chat import Conversation
 
-Message = dict[str, str]
+Message = dict[str, Any]  # role and content; tool turns carry tool_calls / tool_call_id
 LogitsHook = Callable[[list[int], Any], Any]
 ImageLike = Image | str | Path | bytes
 # Sequence length past which Phi-3's long-RoPE models use their long rotary factors (og's
@@ -120,6 +120,8 @@ class Engine:
         if self.context < 2:
             raise GenerationError(f"context length {self.context} is too small to generate anything")
         self.has_chat_template = chat_template
+        # The tool-call format its template was trained on, and whether it renders tools.
+        self.tool_format = tools.call_format(tools.template_text(self.model_dir) if chat_template else "")
         # A vision model (Phi-3.5-vision): og runs its image encoder and embedding sessions
         # before the decoder, fed by the multimodal processor instead of the tokenizer.
         self.vision = "vision" in genai.get("model", {})
@@ -150,22 +152,32 @@ class Engine:
 
     # --- prompts ------------------------------------------------------------------------
 
-    def format_prompt(self, messages: Sequence[Message]) -> str:
-        """Render chat messages with the model's chat template (plain text without one)."""
+    def format_prompt(self, messages: Sequence[Message], offered: Sequence[tools.Tool] = ()) -> str:
+        """Render chat messages with the model's chat template (plain text without one).
+
+        ``offered`` tools go where the template puts them, or into a system note of ours
+        (``edgephi.runtime.tools``); messages may then carry ``tool_calls`` and ``tool`` turns.
+        """
         if not self.has_chat_template:
-            return "\n\n".join(m["content"] for m in messages)
-        prompt = self._render(messages)
+            return "\n\n".join(m["content"] or "" for m in messages)
+        listing = None
+        if offered or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+            fmt, native = self.tool_format
+            messages, listing = tools.prompt_messages(messages, offered, fmt, native)
+        prompt = self._render(messages, listing)
         system = [m for m in messages if m["role"] == "system" and m["content"]]
         if system and system[0]["content"] not in prompt:
             # Some templates (Phi-3's original one among them) silently drop system messages;
             # the user asked for one, so put it at the head of the first user turn instead.
-            prompt = self._render(_fold_system(messages))
+            prompt = self._render(_fold_system(messages), listing)
         return prompt
 
-    def _render(self, messages: Sequence[Message]) -> str:
+    def _render(self, messages: Sequence[Message], listing: str | None = None) -> str:
         try:
             return str(
-                self._tokenizer.apply_chat_template(json.dumps(list(messages)), add_generation_prompt=True)
+                self._tokenizer.apply_chat_template(
+                    json.dumps(list(messages)), tools=listing, add_generation_prompt=True
+                )
             )
         except Exception as exc:
             raise GenerationError(f"the model's chat template failed on these messages: {exc}") from None

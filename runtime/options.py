@@ -23,7 +23,8 @@ class GenerationOptions:
     ``None`` means "the bundle's default", which comes from the model author's generation
     config as recorded by the builder. ``temperature=0`` means greedy. Setting ``top_p``,
     ``top_k``, ``min_p`` or ``seed`` without a temperature turns sampling on.
-    ``json_schema`` / ``regex`` constrain the output (og's guidance).
+    ``json_schema`` / ``regex`` / ``grammar`` (Lark, as llguidance reads it; the server's
+    tool calls use it) constrain the output (og's guidance).
     """
 
     max_tokens: int = 256
@@ -41,6 +42,7 @@ class GenerationOptions:
     stop: tuple[str, ...] = ()
     json_schema: str | None = None
     regex: str | None = None
+    grammar: str | None = None
     adapter: str | None = None  # a LoRA adapter shipped in the bundle
 
     def __post_init__(self) -> None:
@@ -82,10 +84,11 @@ class GenerationOptions:
                     f"num_beams {self.num_beams} is beam search, which is deterministic; "
                     "drop temperature/top_p/top_k/min_p/seed or use num_beams 1"
                 )
-            if self.json_schema or self.regex:
+            if self.constraint is not None:
                 raise ConfigError("json_schema/regex constrain one sequence; use them with num_beams 1")
-        if self.json_schema is not None and self.regex is not None:
-            raise ConfigError("json_schema and regex are two ways to constrain the output; give one")
+        given = [n for n in ("json_schema", "regex", "grammar") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ConfigError(f"{' and '.join(given)} are ways to constrain the output; give one")
         if self.json_schema is not None:
             try:
                 json.loads(self.json_schema)
@@ -98,6 +101,17 @@ class GenerationOptions:
             return self.temperature > 0.0
         if any(v is not None for v in (self.top_p, self.top_k, self.min_p, self.seed)):
             return True
+        return None
+
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """og's guidance for these options: ``(type, data)``, or ``None``."""
+        if self.json_schema is not None:
+            return "json_schema", self.json_schema
+        if self.regex is not None:
+            return "regex", self.regex
+        if self.grammar is not None:
+            return "lark_grammar", self.grammar
         return None
 
     @property

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import errno
 import json
 import re
@@ -36,11 +37,12 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from edgephi.runtime import tools
 from edgephi.runtime.engine import IMAGE_TAG, Engine, Message, image_tag
 from edgephi.runtime.errors import BadImage, ConfigError, ContextOverflow, EdgeError
 from edgephi.runtime.images import Image, load_image
@@ -61,7 +63,8 @@ class ServerConfig:
     max_queue: int = 8
     max_tokens_default: int = 256
     slots: int = 1
-    log_requests: bool = True  # one line per request on stderr; never the prompt or answer
+    log_requests: bool = True  # one line per request on stderr; never the prompt or answer...
+    log_prompts: bool = False  # ...unless asked: then both, JSON-quoted, on the same line
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -176,10 +179,19 @@ def messages_from(body: dict[str, Any], vision: bool = False) -> tuple[list[Mess
     out: list[Message] = []
     images: list[Image] = []
     for m in raw:
-        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
+        if not isinstance(m, dict) or m.get("role") not in (
+            "system",
+            "developer",
+            "user",
+            "assistant",
+            "tool",
+        ):
             raise ApiError(
-                400, "each message needs a role of system, user or assistant", code="invalid_value"
+                400, "each message needs a role of system, user, assistant or tool", code="invalid_value"
             )
+        if m["role"] == "tool" or m.get("tool_calls"):
+            out.append(_tool_turn(m))
+            continue
         content = m.get("content")
         parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
         texts: list[str] = []
@@ -212,6 +224,55 @@ def messages_from(body: dict[str, Any], vision: bool = False) -> tuple[list[Mess
                 raise ApiError(400, f"only {allowed} content parts are supported", code="invalid_value")
         out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": "".join(texts)})
     return out, images
+
+
+def _tool_turn(m: dict[str, Any]) -> Message:
+    """A ``tool`` result, or an assistant turn that called tools, checked and kept whole."""
+    content = m.get("content")
+    if isinstance(content, list):  # text parts only
+        if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+            raise ApiError(400, "tool turns take text content only", code="invalid_value")
+        content = "".join(str(p.get("text", "")) for p in content)
+    if m["role"] == "tool":
+        if not isinstance(content, str) or not isinstance(m.get("tool_call_id"), str):
+            raise ApiError(400, "a tool message needs content and a tool_call_id", code="invalid_value")
+        return {"role": "tool", "tool_call_id": m["tool_call_id"], "content": content}
+    calls = m["tool_calls"]
+    if not isinstance(calls, list) or not all(
+        isinstance(c, dict)
+        and isinstance(c.get("id"), str)
+        and isinstance(c.get("function"), dict)
+        and isinstance(c["function"].get("name"), str)
+        and isinstance(c["function"].get("arguments"), str)
+        for c in calls
+    ):
+        raise ApiError(
+            400,
+            "tool_calls must be [{'id', 'type': 'function', 'function': {'name', 'arguments'}}]",
+            code="invalid_value",
+        )
+    if content is not None and not isinstance(content, str):
+        raise ApiError(400, "message content must be a string", code="invalid_value")
+    kept = [{"id": c["id"], "type": "function", "function": dict(c["function"])} for c in calls]
+    return {"role": "assistant", "content": content or "", "tool_calls": kept}
+
+
+def tool_request_from(body: dict[str, Any], chat: bool) -> tools.ToolRequest | None:
+    """The request's ``tools`` / ``tool_choice``; ``None`` when no call may be made."""
+    if not chat and (body.get("tools") is not None or body.get("tool_choice") is not None):
+        raise ApiError(400, "tools are offered through /v1/chat/completions", code="invalid_value")
+    try:
+        request = tools.parse_request(body.get("tools"), body.get("tool_choice"))
+    except ConfigError as exc:
+        raise ApiError(400, str(exc), code="invalid_value") from None
+    fmt = body.get("response_format")
+    if request is not None and isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+        raise ApiError(
+            400,
+            "give 'tools' or a 'response_format', not both: a tool call is JSON already",
+            code="invalid_value",
+        )
+    return request
 
 
 _LISTEN_HINTS = {
@@ -313,6 +374,8 @@ class Outcome:
 
     stats: Stats | None = None
     slot: Session | None = None
+    prompt: str = ""  # logged only when the server was asked to (--log-prompts)
+    answer: str = ""
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -337,12 +400,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.status = code
         super().send_response(code, message)
 
-    def _log_line(self, start: float, stats: Stats | None = None) -> None:
-        """``time client method path status [tokens, TTFT] duration``: no prompt, no answer."""
+    def _log_line(self, start: float, outcome: Outcome | None = None) -> None:
+        """``time client method path status [tokens, TTFT] duration``: no prompt, no answer
+        unless the server was started with ``--log-prompts``."""
         if not self.owner.config.log_requests:
             return
         when = time.strftime("%Y-%m-%dT%H:%M:%S")
         parts = [when, str(self.client_address[0]), self.command, self.path.split("?")[0], str(self.status)]
+        stats = outcome.stats if outcome is not None else None
         if stats is not None:
             parts += [
                 f"prompt={stats.prompt_tokens}",
@@ -351,6 +416,12 @@ class _Handler(BaseHTTPRequestHandler):
                 f"ttft={stats.ttft_s:.3f}s",
             ]
         parts.append(f"total={time.perf_counter() - start:.3f}s")
+        if self.owner.config.log_prompts and outcome is not None and outcome.prompt:
+            quoted = (
+                json.dumps(outcome.prompt, ensure_ascii=False),
+                json.dumps(outcome.answer, ensure_ascii=False),
+            )
+            parts += [f"prompt={quoted[0]}", f"answer={quoted[1]}"]
         print(" ".join(parts), file=sys.stderr, flush=True)
 
     # --- plumbing ---------------------------------------------------------------------
@@ -432,7 +503,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self._post(outcome)
         finally:
-            self._log_line(start, outcome.stats)
+            self._log_line(start, outcome)
             if outcome.slot is not None:
                 # The response is out; the slot takes in the answer before the next request.
                 self.owner.settle(outcome.slot)
@@ -444,16 +515,22 @@ class _Handler(BaseHTTPRequestHandler):
             body = self._read_json()
             chat = self.path == "/v1/chat/completions"
             options = options_from(body, self.owner.config.max_tokens_default)
+            calling = tool_request_from(body, chat)
             images: list[Image] = []
             if chat:
-                messages, images = messages_from(body, self.owner.engine.vision)
-                prompt = self.owner.engine.format_prompt(messages)
+                engine = self.owner.engine
+                messages, images = messages_from(body, engine.vision)
+                prompt = engine.format_prompt(messages, calling.tools if calling else ())
+                if calling is not None:
+                    grammar = tools.grammar(calling, engine.tool_format[0])
+                    options = dataclasses.replace(options, grammar=grammar)
             else:
                 raw_prompt = body.get("prompt")
                 if not isinstance(raw_prompt, str) or not raw_prompt:
                     raise ApiError(400, "'prompt' must be a non-empty string", code="invalid_value")
                 prompt = raw_prompt
             self.owner.admit()
+            outcome.prompt = prompt
         except ApiError as exc:
             self._fail(exc)
             return
@@ -464,9 +541,9 @@ class _Handler(BaseHTTPRequestHandler):
             if body.get("stream"):
                 stream_options = body.get("stream_options")
                 usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
-                self._stream(prompt, options, chat, images, outcome, usage)
+                self._stream(prompt, options, chat, images, outcome, usage, calling)
             else:
-                self._complete(prompt, options, chat, images, outcome)
+                self._complete(prompt, options, chat, images, outcome, calling)
         except ApiError as exc:
             self._fail(exc)
         except (BrokenPipeError, ConnectionResetError):
@@ -497,16 +574,36 @@ class _Handler(BaseHTTPRequestHandler):
         }
 
     @staticmethod
-    def _finish(stats: Stats | None) -> str:
+    def _finish(stats: Stats | None, calls: list[tools.ToolCall] | None = None) -> str:
+        if calls:
+            return "tool_calls"
         return "length" if stats and stats.finish_reason in ("length", "context") else "stop"
 
+    def _calls(self, text: str, calling: tools.ToolRequest | None) -> list[tools.ToolCall] | None:
+        return tools.parse_answer(text, calling, self.owner.engine.tool_format[0]) if calling else None
+
     def _complete(
-        self, prompt: str, options: GenerationOptions, chat: bool, images: list[Image], outcome: Outcome
+        self,
+        prompt: str,
+        options: GenerationOptions,
+        chat: bool,
+        images: list[Image],
+        outcome: Outcome,
+        calling: tools.ToolRequest | None,
     ) -> None:
         text = "".join(self.owner.generate(prompt, options, outcome, images))
+        outcome.answer = text
+        calls = self._calls(text, calling)
         out = self._envelope(chat, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}")
-        choice: dict[str, Any] = {"index": 0, "finish_reason": self._finish(outcome.stats), "logprobs": None}
-        if chat:
+        choice: dict[str, Any] = {
+            "index": 0,
+            "finish_reason": self._finish(outcome.stats, calls),
+            "logprobs": None,
+        }
+        if calls:
+            listed = [c.to_openai() for c in calls]
+            choice["message"] = {"role": "assistant", "content": None, "tool_calls": listed}
+        elif chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
@@ -521,6 +618,7 @@ class _Handler(BaseHTTPRequestHandler):
         images: list[Image],
         outcome: Outcome,
         usage: bool,
+        calling: tools.ToolRequest | None,
     ) -> None:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         chunk_kind = "chat.completion.chunk" if chat else "text_completion"
@@ -534,14 +632,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.close_connection = True
 
-        def event(delta: str | None, finish: str | None = None) -> None:
+        def event(delta: str | dict[str, Any] | None, finish: str | None = None) -> None:
             out = self._envelope(chat, rid)
             out["object"] = chunk_kind
             if chat:
-                payload: dict[str, Any] = {} if delta is None else {"content": delta}
+                payload: dict[str, Any] = (
+                    {} if delta is None else delta if isinstance(delta, dict) else {"content": delta}
+                )
                 choice: dict[str, Any] = {"index": 0, "delta": payload, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": delta or "", "finish_reason": finish}
+                choice = {
+                    "index": 0,
+                    "text": delta if isinstance(delta, str) else "",
+                    "finish_reason": finish,
+                }
             out["choices"] = [choice]
             self.wfile.write(b"data: " + json.dumps(out, ensure_ascii=False).encode() + b"\n\n")
             self.wfile.flush()
@@ -553,14 +657,30 @@ class _Handler(BaseHTTPRequestHandler):
                 choices=[{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
             )
             self.wfile.write(b"data: " + json.dumps(out).encode() + b"\n\n")
+        # With tools offered, an answer that opens like a call is held back until it is whole,
+        # then sent as one tool_calls delta; text streams as soon as its first character shows.
+        held: str | None = "" if calling is not None else None
+        answer: list[str] = []
         try:
-            if first is not None:
-                event(first)
-            for chunk in chunks:
-                event(chunk)
+            for chunk in chunks if first is None else _chain(first, chunks):
+                answer.append(chunk)
+                if held is None:
+                    event(chunk)
+                    continue
+                held += chunk
+                if not tools.may_be_call(held):
+                    event(held)
+                    held = None
         finally:
             chunks.close()
-        event(None, self._finish(outcome.stats))
+        outcome.answer = "".join(answer)
+        calls = self._calls(held, calling) if held else None
+        if calls:
+            deltas = [{"index": i, **c.to_openai()} for i, c in enumerate(calls)]
+            event({"tool_calls": deltas})
+        elif held:
+            event(held)
+        event(None, self._finish(outcome.stats, calls))
         if usage:
             # OpenAI's stream_options.include_usage: a last chunk with no choices and the usage.
             out = self._envelope(chat, rid)
@@ -568,6 +688,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"data: " + json.dumps(out).encode() + b"\n\n")
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
+
+
+def _chain(first: str, rest: Iterator[str]) -> Iterator[str]:
+    yield first
+    yield from rest
 
 
 def serve(engine: Engine, config: ServerConfig, ready: Any = None) -> None:

@@ -351,7 +351,7 @@ class Session:
             else "beam search"
             if options.beam_search
             else "an output constraint"
-            if options.json_schema is not None or options.regex is not None
+            if options.constraint is not None
             else ""
         )
         if note:
@@ -369,10 +369,9 @@ class Session:
         # og preallocates the KV cache for max_length: only what this answer can use.
         params.set_search_options(max_length=run.max_length, **search)
         try:
-            if options.json_schema is not None:
-                params.set_guidance("json_schema", compact_json(options.json_schema))
-            elif options.regex is not None:
-                params.set_guidance("regex", options.regex)
+            if options.constraint is not None:
+                kind, data = options.constraint
+                params.set_guidance(kind, compact_json(data) if kind == "json_schema" else data)
         except Exception as exc:
             raise ConfigError(f"the output constraint was refused: {exc}") from None
         return params

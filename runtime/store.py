@@ -18,8 +18,9 @@ directory on the same file system, checks what the model files ask of the runtim
 (``edgephi.runtime.modelcheck``), then renames it into place in one step: a crash
 leaves a stale staging directory (swept on the next install) but never a half-installed
 model. Installed copies are keyed by the manifest digest, so running the same bundle
-again reuses its copy without re-hashing, and a different build of the same version
-gets its own directory.
+again reuses its copy without re-hashing. A different build of a version already
+installed replaces it, as a tag does: the pointers move to the new copy and the old one
+goes (unless a running process still reads it; ``prune`` takes it later).
 """
 
 from __future__ import annotations
@@ -184,7 +185,25 @@ class Store:
                 return InstalledModel(final, manifest, reused=True, verification=verification)
             raise
         fsync_dir(final.parent)
-        return InstalledModel(final, manifest, reused=False, verification=verification)
+        installed = InstalledModel(final, manifest, reused=False, verification=verification)
+        self._supersede(installed)
+        return installed
+
+    def _supersede(self, model: InstalledModel) -> None:
+        """Replace other builds of ``model``'s NAME:VERSION with it: one copy per version."""
+        name, folder = model.manifest.name, self.models_dir / model.manifest.name
+        older = [
+            m
+            for m in self.installed(name)
+            if m.manifest.version == model.manifest.version and m.path != model.path
+        ]
+        for which in ("current", "previous"):
+            pointed = self._pointer(name, which)
+            if pointed is not None and any(m.path == pointed.path for m in older):
+                atomic_write_bytes(folder / which, model.path.name.encode())
+        for m in older:
+            if not in_use(m.path):
+                remove_tree(m.path)
 
     def installed(self, name: str | None = None) -> list[InstalledModel]:
         out: list[InstalledModel] = []

@@ -7,7 +7,9 @@ code that builds them is what is under test.
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,6 +46,20 @@ def _isolated_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
 @pytest.fixture
 def store(_isolated_store: Path) -> Store:
     return Store(_isolated_store)
+
+
+def start_serve(*args: str) -> tuple[subprocess.Popen[str], str]:
+    """``edge-run serve ARGS --port 0`` in its own process, once it says it is serving: the
+    process (stderr piped, the rest of its log) and the server's base URL."""
+    exe = str(Path(sys.executable).with_name("edge-run"))
+    proc = subprocess.Popen([exe, "serve", *args, "--port", "0"], stderr=subprocess.PIPE, text=True)
+    line, deadline = "", time.monotonic() + 120
+    while "serving" not in line:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"edge-run serve did not start: {line or proc.stderr.read()}")  # type: ignore[union-attr]
+        line = proc.stderr.readline()  # type: ignore[union-attr]
+    return proc, line.split(" on ")[1].split("/v1")[0]
 
 
 def build_bundle(source: Path | str, out: Path, **kw: object) -> Path:

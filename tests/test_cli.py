@@ -15,12 +15,13 @@ import time
 import zipfile
 from pathlib import Path
 
+import bundlekit
 import pytest
 import tiny
-from conftest import build_bundle
+from conftest import build_bundle, start_serve
 from edgephi.packager.cli import app as pack_app
 from edgephi.runtime.cli import app as run_app
-from edgephi.runtime.store import Store
+from edgephi.runtime.store import InUse, Store
 from typer.testing import CliRunner
 
 
@@ -451,16 +452,8 @@ def test_a_model_in_use_is_not_removed_and_prune_keeps_what_matters(tmp_path: Pa
         store.install(b)
     store.switch(store.find("busy", "1.0.0"))  # type: ignore[arg-type]
     store.switch(store.find("busy", "1.1.0"))  # type: ignore[arg-type]  (1.0.0 is previous now)
-    server = subprocess.Popen(
-        [*exe("edge-run"), "serve", "busy:1.1.0", "--port", "0", "--store", str(home)],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    server, _ = start_serve("busy:1.1.0", "--store", str(home))
     try:
-        line = ""
-        deadline = time.monotonic() + 120
-        while "serving" not in line and time.monotonic() < deadline:
-            line = server.stderr.readline()  # type: ignore[union-attr]
         refused = subprocess.run(
             [*exe("edge-run"), "rm", "busy", "--store", str(home)], capture_output=True, text=True, timeout=60
         )
@@ -481,3 +474,21 @@ def test_a_model_in_use_is_not_removed_and_prune_keeps_what_matters(tmp_path: Pa
         [*exe("edge-run"), "rm", "busy", "--store", str(home)], capture_output=True, text=True, timeout=60
     )
     assert removed.returncode == 0 and removed.stdout.startswith("removed busy (2 installs, ")
+
+
+def test_a_rebuild_of_an_installed_version_replaces_it(tmp_path: Path) -> None:
+    """Running a rebuilt bundle of the same NAME:VERSION leaves one copy, the new one, current."""
+    store = Store(tmp_path / "home")
+    first = store.install(bundlekit.good_bundle(tmp_path / "a.phi", created_at="2026-01-01T00:00:00Z"))
+    store.adopt(first)
+    held = InUse(first.path)  # a chat still reading the old copy
+    second = store.install(bundlekit.good_bundle(tmp_path / "b.phi", created_at="2026-02-01T00:00:00Z"))
+    assert second.path != first.path and not second.reused
+    for ref in (store.find("tiny"), store.find("tiny", "1.0.0")):
+        assert ref is not None and ref.path == second.path
+    assert first.path.is_dir()  # in use: left for prune
+    del held
+    assert store.prune("tiny") == [first.path] and not first.path.exists()
+    third = store.install(bundlekit.good_bundle(tmp_path / "c.phi", created_at="2026-03-01T00:00:00Z"))
+    assert [m.path for m in store.installed("tiny")] == [third.path]
+    assert store.current("tiny").path == third.path  # type: ignore[union-attr]

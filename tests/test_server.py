@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
 import pytest
+from conftest import start_serve
 from edgephi.runtime import load
 from edgephi.runtime.server import ModelServer, ServerConfig
 from edgephi.runtime.store import Store
@@ -199,19 +196,8 @@ def test_busy_past_the_queue_gets_503(server: ModelServer) -> None:
 
 
 def test_sigterm_lets_the_request_in_flight_finish(smollm2_bundle: Path) -> None:
-    exe = str(Path(sys.executable).with_name("edge-run"))
-    proc = subprocess.Popen(
-        [exe, "serve", str(smollm2_bundle), "--port", "0"],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ},
-    )
+    proc, url = start_serve(str(smollm2_bundle))
     try:
-        line = ""
-        deadline = time.monotonic() + 120
-        while "serving" not in line and time.monotonic() < deadline:
-            line = proc.stderr.readline()  # type: ignore[union-attr]
-        url = line.split(" on ")[1].split("/v1")[0]
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         stream = client.chat.completions.create(
             model="smollm2-135m-instruct",
@@ -234,6 +220,27 @@ def test_sigterm_lets_the_request_in_flight_finish(smollm2_bundle: Path) -> None
             flags=re.MULTILINE,
         ), log
         assert "story" not in log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_log_prompts_adds_the_prompt_and_answer_to_the_line(smollm2_bundle: Path) -> None:
+    proc, url = start_serve(str(smollm2_bundle), "--log-prompts")
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        said = client.chat.completions.create(
+            model="smollm2-135m-instruct",
+            messages=[{"role": "user", "content": "Tell me a story."}],
+            max_tokens=8,
+            temperature=0,
+        )
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0
+        [line] = [ln for ln in proc.stderr.read().splitlines() if " POST " in ln]  # type: ignore[union-attr]
+        prompt, answer = line.split(" prompt=")[-1].split(" answer=")
+        assert "Tell me a story." in json.loads(prompt)
+        assert json.loads(answer) == said.choices[0].message.content
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from channel_server import ChannelServer, serve
 from edgephi.packager import finalize, writer
-from edgephi.packager.publish import publish
+from edgephi.packager.publish import publish, write_index
 from edgephi.runtime import bundle, load, updater
 from edgephi.runtime.errors import (
     ChannelError,
@@ -196,11 +196,17 @@ def test_a_tokenizer_only_release_downloads_under_one_percent(device: Store, cha
     assert server.bytes_sent < size / 100, (server.bytes_sent, size)
     assert result.downloaded_bytes < size / 100
     assert not any("model.onnx" in r or "bundles/" in r for r in server.requests)
+    # Each file is stored once in the channel: blobs, no second copy as a whole bundle.
+    assert not (folder / "bundles").exists()
+    stored = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    files = bundle.open_bundle(releases["1.1.0"]).manifest.total_size  # both releases, uncompressed
+    assert stored < files * 1.01, (stored, files)
 
 
 def test_full_bundle_channel_without_blobs(device: Store, channel, releases, key) -> None:  # type: ignore[no-untyped-def]
     folder, server = channel
     publish(releases["1.0.0"], folder, key, blobs=False)
+    assert not (folder / "blobs").exists()
     [result] = updater.update(server.url, NAME, store=device)
     assert result.downloaded_bytes == releases["1.0.0"].stat().st_size
     runs(device, "1.0.0")
@@ -292,6 +298,13 @@ def test_refusals_leave_the_device_as_it_was(  # type: ignore[no-untyped-def]
     blob.write_bytes(b"\0" + blob.read_bytes()[1:])
     with pytest.raises(IntegrityError):
         updater.update(str(tampered), NAME, store=device)
+    unchanged()
+    # A signed entry that offers neither blobs nor a whole bundle.
+    empty = tmp_path / "empty"
+    release = publish(releases["1.2.0"], empty, key)
+    write_index(empty, {NAME: dataclasses.replace(release, blobs="")}, key, 30)
+    with pytest.raises(ChannelError, match="offers neither blobs nor a bundle"):
+        updater.update(str(empty), NAME, store=device)
     unchanged()
     # Disk full: the updater's writes fail part-way (a file-size limit stands in for a full disk).
     publish(releases["1.2.0"], folder, key)
