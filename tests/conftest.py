@@ -48,6 +48,29 @@ def store(_isolated_store: Path) -> Store:
     return Store(_isolated_store)
 
 
+_PEAK_RSS = """
+import resource, subprocess, sys
+proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+print(proc.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+sys.stderr.write(proc.stderr)
+"""
+
+
+def edge_run_peak(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -> tuple[int, int, str]:
+    """``edge-run ARGS`` as a child of a small watcher: its exit status, its peak RSS in bytes
+    (the kernel's own count, ``ru_maxrss``), and its stderr."""
+    exe = str(Path(sys.executable).with_name("edge-run"))
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS, exe, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    code, peak = (int(x) for x in out.stdout.split())
+    return code, peak, out.stderr
+
+
 def start_serve(*args: str) -> tuple[subprocess.Popen[str], str]:
     """``edge-run serve ARGS --port 0`` in its own process, once it says it is serving: the
     process (stderr piped, the rest of its log) and the server's base URL."""

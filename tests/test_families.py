@@ -29,7 +29,7 @@ import onnxruntime_genai as og
 import pytest
 import tiny
 import tinygguf
-from conftest import build_bundle
+from conftest import build_bundle, edge_run_peak
 from edgephi.runtime import load
 from edgephi.runtime.store import Store
 from edgephi.targets import Precision
@@ -242,14 +242,6 @@ def test_the_memory_plan_counts_the_kv_cache_og_allocates(family: str, bundles, 
     assert installed.manifest.memory["kv_bytes_per_token"] == _kv_bytes_per_token(family_dir(family))
 
 
-PEAK_RSS = """
-import resource, subprocess, sys
-proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)
-print(proc.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
-sys.stderr.write(proc.stderr)
-"""
-
-
 def test_a_sliding_window_model_stays_within_its_plan_at_a_long_context(bundles, store: Store) -> None:  # type: ignore[no-untyped-def]
     """Gemma 3 (512-token window) filled to a 16k context: measured peak RSS within the plan."""
     from edgephi.runtime.loader import plan as plan_for
@@ -260,33 +252,22 @@ def test_a_sliding_window_model_stays_within_its_plan_at_a_long_context(bundles,
     kv = p.max_length * store.install(bundle).manifest.memory["kv_bytes_per_token"]
     assert p.max_length == context and kv > 40 * 2**20  # the KV cache is the bulk of the plan
     prompt = " ".join(f"wave {i} of the sea," for i in range(context // 12))
-    edge_run = str(Path(sys.executable).with_name("edge-run"))
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            PEAK_RSS,
-            edge_run,
-            str(bundle),
-            "-p",
-            prompt,
-            "-n",
-            "8",
-            "-t",
-            "0",
-            "--context",
-            str(context),
-            "--stats",
-        ],
-        capture_output=True,
-        text=True,
+    code, peak, stderr = edge_run_peak(
+        str(bundle),
+        "-p",
+        prompt,
+        "-n",
+        "8",
+        "-t",
+        "0",
+        "--context",
+        str(context),
+        "--stats",
         env={**os.environ, "EDGEPHI_HOME": str(store.root)},
         timeout=600,
-        check=False,
     )
-    code, peak = (int(x) for x in out.stdout.split())
-    assert code == 0, out.stderr
-    prompt_tokens = int(re.search(r"\[(\d+) prompt tokens", out.stderr)[1])  # type: ignore[index]
+    assert code == 0, stderr
+    prompt_tokens = int(re.search(r"\[(\d+) prompt tokens", stderr)[1])  # type: ignore[index]
     assert prompt_tokens > context // 2  # far past the window
     assert peak <= p.need, (peak, p.need)
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import edge_run_peak
 from edgephi.runtime import load, memory
 from edgephi.runtime.chat import Conversation
 from edgephi.runtime.errors import ConfigError, InsufficientMemory
@@ -160,14 +161,6 @@ def test_default_budget_leaves_headroom(tmp_path: Path, monkeypatch: pytest.Monk
     assert memory.default_budget(root) == (GIB, "EDGEPHI_MEMORY_BUDGET")
 
 
-PEAK_RSS = """
-import resource, subprocess, sys
-proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)
-print(proc.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
-sys.stderr.write(proc.stderr)
-"""
-
-
 def edge_run() -> str:
     return str(Path(sys.executable).with_name("edge-run"))
 
@@ -189,30 +182,11 @@ def test_a_process_stays_within_its_memory_plan(smollm2_bundle: Path, store: Sto
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if tokens(mid) <= p.max_length - 24 else (lo, mid - 1)
     text = words * lo
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            PEAK_RSS,
-            edge_run(),
-            str(smollm2_bundle),
-            "-p",
-            text,
-            "-n",
-            "16",
-            "-t",
-            "0",
-            "--memory-budget",
-            "420M",
-            "--stats",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    code, peak, stderr = edge_run_peak(
+        str(smollm2_bundle), "-p", text, "-n", "16", "-t", "0", "--memory-budget", "420M", "--stats"
     )
-    code, peak = (int(x) for x in out.stdout.split())
-    assert code == 0, out.stderr
-    prompt_tokens = int(re.search(r"\[(\d+) prompt tokens", out.stderr)[1])  # type: ignore[index]
+    assert code == 0, stderr
+    prompt_tokens = int(re.search(r"\[(\d+) prompt tokens", stderr)[1])  # type: ignore[index]
     assert prompt_tokens >= p.max_length - 64  # the context really was (nearly) full
     assert peak <= p.need <= budget, (peak, p.need)
 
