@@ -56,16 +56,16 @@ class GenerationOptions:
             raise ConfigError(f"temperature must be between 0 and 10, not {self.temperature}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], not {self.top_p}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ConfigError(f"top_k must be at least 1, not {self.top_k}")
+        if self.top_k is not None and not 1 <= self.top_k < 2**31:
+            raise ConfigError(f"top_k must be between 1 and 2^31-1, not {self.top_k}")
         if self.min_p is not None and not 0.0 < self.min_p <= 1.0:
             raise ConfigError(f"min_p must be in (0, 1], not {self.min_p}")
         if self.seed is not None and not 0 <= self.seed < 2**31:
             raise ConfigError(f"seed must be between 0 and 2^31-1, not {self.seed}")
         if self.repetition_penalty is not None and not 0.0 < self.repetition_penalty <= 10.0:
             raise ConfigError(f"repetition_penalty must be in (0, 10], not {self.repetition_penalty}")
-        if self.no_repeat_ngram < 0:
-            raise ConfigError(f"no_repeat_ngram must be >= 0, not {self.no_repeat_ngram}")
+        if not 0 <= self.no_repeat_ngram < 2**31:
+            raise ConfigError(f"no_repeat_ngram must be between 0 and 2^31-1, not {self.no_repeat_ngram}")
         if not 1 <= self.num_beams <= 16:
             raise ConfigError(f"num_beams must be between 1 and 16, not {self.num_beams}")
         if len(self.stop) > MAX_STOP_STRINGS or any(not s for s in self.stop):

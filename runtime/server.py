@@ -124,7 +124,9 @@ def options_from(body: dict[str, Any], default_max_tokens: int) -> GenerationOpt
             raise ApiError(
                 400, f"response_format type {fmt.get('type')!r} is not supported", code="invalid_value"
             )
-    max_tokens = _number(body, "max_completion_tokens", int) or _number(body, "max_tokens", int)
+    max_tokens = _number(body, "max_completion_tokens", int)
+    if max_tokens is None:
+        max_tokens = _number(body, "max_tokens", int)
     adapter = body.get("adapter")
     if adapter is not None and not isinstance(adapter, str):
         raise ApiError(
@@ -132,7 +134,7 @@ def options_from(body: dict[str, Any], default_max_tokens: int) -> GenerationOpt
         )
     try:
         return GenerationOptions(
-            max_tokens=max_tokens or default_max_tokens,
+            max_tokens=default_max_tokens if max_tokens is None else max_tokens,
             min_tokens=_number(body, "min_tokens", int) or 0,
             temperature=_number(body, "temperature", float),
             top_p=_number(body, "top_p", float),
@@ -440,7 +442,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _fail(self, exc: ApiError) -> None:
         headers = {"Retry-After": "1"} if exc.status == 503 else {}
-        if exc.status in (411, 413):
+        if exc.status in (411, 413) or self.close_connection:
+            # The body was not read: what follows on the connection is not a request.
             headers["Connection"] = "close"
             self.close_connection = True
         self._send_json(exc.status, exc.body(), headers)
@@ -453,12 +456,18 @@ class _Handler(BaseHTTPRequestHandler):
             size = int(length)
         except ValueError:
             raise ApiError(400, "Content-Length is not a number") from None
+        if size < 0:
+            # rfile.read(-1) would buffer until the client closes: any amount of memory.
+            self.close_connection = True
+            raise ApiError(400, "Content-Length may not be negative")
         if size > self.owner.config.max_body:
             raise ApiError(413, f"the request body is over {self.owner.config.max_body} bytes")
         try:
             body = json.loads(self.rfile.read(size).decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
             raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+        except RecursionError:
+            raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
         model = body.get("model")
@@ -474,6 +483,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         start = time.perf_counter()
+        self.status = 0  # a kept-alive connection's handler serves many requests
         try:
             self._get()
         finally:
@@ -499,9 +509,18 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         start = time.perf_counter()
+        self.status = 0
         outcome = Outcome()
         try:
             self._post(outcome)
+        except Exception as exc:
+            # A fault of ours: still an OpenAI-shaped answer, if nothing was sent yet.
+            self.close_connection = True
+            if not self.status:
+                reason = (str(exc).strip().splitlines() or [""])[0][:200]
+                self._fail(
+                    ApiError(500, f"internal error: {type(exc).__name__}: {reason}", kind="server_error")
+                )
         finally:
             self._log_line(start, outcome)
             if outcome.slot is not None:

@@ -381,7 +381,15 @@ class Session:
         generator = None
         try:
             self._release()  # one KV cache in memory at a time, as the plan counts
-            generator = og().Generator(self.engine._model, params)
+            try:
+                generator = og().Generator(self.engine._model, params)
+            except Exception as exc:
+                if run.options.constraint is None:
+                    raise
+                # llguidance compiles the grammar here, not in set_guidance: a schema it cannot
+                # take (invalid, or nested past its limits) is the request's fault.
+                first = (str(exc).strip().splitlines() or ["no reason given"])[0][:300]
+                raise ConfigError(f"the output constraint was refused: {first}") from None
             if run.options.adapter is not None:
                 self.engine._activate(generator, run.options.adapter)
             if request.inputs is not None:  # the multimodal processor's ids, pixels, image sizes

@@ -6,6 +6,7 @@ import http.client
 import json
 import re
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -244,3 +245,53 @@ def test_log_prompts_adds_the_prompt_and_answer_to_the_line(smollm2_bundle: Path
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# --- what a hostile client sends (#21) ---------------------------------------------------------
+
+
+def test_a_negative_content_length_is_refused_without_reading(server: ModelServer) -> None:
+    # rfile.read(-1) would buffer until the client closes: this client never does.
+    host, port = server.httpd.server_address[:2]
+    with socket.create_connection((str(host), port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n")
+        sock.sendall(b"{" * (64 << 10))  # and more would follow, and the connection stays open
+        data = b""
+        while chunk := sock.recv(4096):  # the server closes the connection after its answer
+            data += chunk
+    reply = data.decode("latin-1")
+    assert reply.startswith("HTTP/1.1 400") and "Content-Length may not be negative" in reply
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"max_tokens": 0}, "max_tokens must be at least 1, not 0"),
+        ({"top_k": 2**31}, "top_k must be between 1 and 2^31-1"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {"$ref": "#/nowhere"}}}},
+            "the output constraint was refused",
+        ),
+    ],
+)
+def test_out_of_range_requests_get_a_400_not_a_dropped_connection(
+    server: ModelServer,
+    fields: dict,
+    message: str,  # type: ignore[type-arg]
+) -> None:
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, **fields}
+    status, reply, _ = raw(
+        server,
+        "POST",
+        "/v1/chat/completions",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json"},
+    )
+    assert status == 400 and message in reply["error"]["message"], reply
+    assert raw(server, "GET", "/health")[0] == 200
+
+
+def test_a_body_nested_past_the_parser_is_a_400(server: ModelServer) -> None:
+    body = b"[" * 30_000 + b"]" * 30_000  # under the body limit, past the parser's depth
+    status, reply, _ = raw(server, "POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    assert status == 400 and "nested too deeply" in reply["error"]["message"]
