@@ -24,6 +24,8 @@ from edgephi.runtime.fsutil import atomic_output, atomic_write_bytes
 from edgephi.runtime.manifest import version_key
 from edgephi.runtime.signing import SigningKey, encode_signatures
 
+MAX_EXPIRES_DAYS = 3660  # ten years
+
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
@@ -45,8 +47,11 @@ def publish(
     expires_days: float = 30.0,
     blobs: bool = True,
 ) -> channel.Release:
-    if expires_days <= 0:
-        raise ConfigError(f"expires_days must be positive, not {expires_days}")
+    if not 0 < expires_days <= MAX_EXPIRES_DAYS:
+        # An index that never expires could be replayed for ever (and datetime overflows).
+        raise ConfigError(
+            f"--expires-days must be above 0 and at most {MAX_EXPIRES_DAYS}, not {expires_days}"
+        )
     info = bundle.verify_content(bundle_path, bundle.TrustPolicy({key.key_id: key.public}))
     m = info.manifest
     channel_dir.mkdir(parents=True, exist_ok=True)

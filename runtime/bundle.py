@@ -97,10 +97,11 @@ class TrustPolicy:
 
     trusted: dict[str, signing.PublicKey]
     skip: bool = False
+    enforce: bool = False  # signatures are required even if no trusted key loads
 
     @classmethod
     def from_store(cls, store: signing.TrustStore, skip: bool = False) -> TrustPolicy:
-        return cls(trusted=store.keys(), skip=skip)
+        return cls(trusted=store.keys(), skip=skip, enforce=store.active)
 
 
 @dataclass(frozen=True)
@@ -243,7 +244,7 @@ def _verify(
     claimed = [kid for kid, _ in signatures if kid in signed_by]
     if policy.skip:
         return Verification("skipped", claimed[0] if claimed else None)
-    if policy.trusted:
+    if policy.trusted or policy.enforce:
         if not signatures:
             raise SignatureError(
                 "the bundle is unsigned, and this device accepts only signed bundles",

@@ -91,9 +91,16 @@ class Release:
                 check_member_path(path)
         except EdgeError:
             raise ChannelError(f"channel index entry {name!r} has a path that leaves the channel") from None
+        if not all(_is_sha256(h) for h in (release.sha256, release.manifest_sha256)):
+            # Both name files on the device (downloads/<sha256>.phi): hex only, nothing else.
+            raise ChannelError(f"channel index entry {name!r} has a sha256 that is not 64 hex digits")
         if not isinstance(release.size, int) or release.size < 0 or not isinstance(release.target, dict):
             raise ChannelError(f"channel index entry {name!r} has an invalid size or target")
         return release
+
+
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 _RELEASE_KEYS = (

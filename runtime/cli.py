@@ -464,7 +464,9 @@ def trust_list(store: StoreOpt = None) -> None:
     """List the trusted publisher keys."""
     trust = (Store(store) if store else Store()).trust
     keys = trust.keys()
-    if not keys:
+    for problem in trust.unreadable():
+        console.info(f"warning: {problem}; that key is not trusted (remove or replace the file)")
+    if not trust.active:
         console.info(f"no trusted keys in {trust.folder}: unsigned bundles run, with a warning")
     for kid, key in keys.items():
         print(f"{kid}\t{key.comment}")

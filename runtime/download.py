@@ -111,6 +111,9 @@ def fetch_file(
                     on_chunk()
             out.flush()
             os.fsync(out.fileno())
+    if have + transferred < size:
+        # A clean close before the end (a proxy, a mobile link): keep the .part to resume.
+        raise DownloadError(f"the download of {url} broke off after {have + transferred} of {size} bytes")
     _check_and_finish(part, meta, dest, size, sha256, url)
     return transferred
 

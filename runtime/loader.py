@@ -16,7 +16,7 @@ from edgephi.runtime import __about__, memory
 from edgephi.runtime.bundle import TrustPolicy, open_bundle
 from edgephi.runtime.device import ARCH_ALIASES, machine_arch
 from edgephi.runtime.engine import Engine
-from edgephi.runtime.errors import BundleNotFound, IncompatibleBundle, NotAModel
+from edgephi.runtime.errors import BundleNotFound, ConfigError, IncompatibleBundle, NotAModel
 from edgephi.runtime.genai import default_threads
 from edgephi.runtime.manifest import Manifest, is_valid_name, is_valid_version, version_key
 from edgephi.runtime.store import InstalledModel, InUse, Store
@@ -56,9 +56,15 @@ def check_runnable(manifest: Manifest, arch: str | None = None) -> None:
 
 def choose_threads(requested: int | None, manifest: Manifest | None) -> int:
     """``--threads``, else the target's thread count (capped by the usable cores), else the cores."""
-    if requested:
-        return requested
     usable = default_threads()
+    if requested is not None:
+        if not 1 <= requested <= usable:
+            # More threads than cores only slow onnxruntime down; thousands exhaust the process.
+            raise ConfigError(
+                f"--threads {requested} is not between 1 and the {usable} cores this process may use",
+                hint=f"leave it out to use all {usable}",
+            )
+        return requested
     target_threads = int(manifest.target.get("threads", 0) or 0) if manifest else 0
     return min(target_threads, usable) if target_threads > 0 else usable
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import os
@@ -181,18 +182,33 @@ class TrustStore:
         env = os.environ.get("EDGEPHI_TRUST")
         return cls(Path(env).expanduser() if env else Path(store_root) / "trusted-keys")
 
+    def files(self) -> list[Path]:
+        return sorted(self.folder.glob("*.pub")) if self.folder.is_dir() else []
+
     def keys(self) -> dict[str, PublicKey]:
-        if not self.folder.is_dir():
-            return {}
+        """The keys that load; a file that does not is left out (``unreadable`` names it)."""
         out: dict[str, PublicKey] = {}
-        for path in sorted(self.folder.glob("*.pub")):
-            key = load_public_key(path)
-            out[key.key_id] = key
+        for path in self.files():
+            with contextlib.suppress(KeyFileError):
+                key = load_public_key(path)
+                out[key.key_id] = key
+        return out
+
+    def unreadable(self) -> list[str]:
+        """``path: why`` for each key file that does not load."""
+        out = []
+        for path in self.files():
+            try:
+                load_public_key(path)
+            except KeyFileError as exc:
+                out.append(str(exc))
         return out
 
     @property
     def active(self) -> bool:
-        return bool(self.keys())
+        """Whether signatures are enforced: any key file at all, even one that does not load —
+        a damaged trust store must not turn into no trust store."""
+        return bool(self.files())
 
     def add(self, public_key_file: Path) -> PublicKey:
         key = load_public_key(public_key_file)

@@ -17,6 +17,7 @@ class ChannelServer:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.ignore_range = False
+        self.cut_after: int | None = None  # end one longer body cleanly (FIN) after this many bytes
         self.bytes_sent = 0
         self.range_requests = 0
         self.requests: list[str] = []
@@ -53,6 +54,12 @@ class ChannelServer:
                 self.send_header("ETag", etag)
                 self.send_header("Accept-Ranges", "none" if server.ignore_range else "bytes")
                 self.end_headers()
+                with server._lock:
+                    cut = server.cut_after
+                    if cut is not None and len(body) > cut:
+                        server.cut_after = None  # once, on the first file longer than that
+                        body = body[:cut]  # what a proxy or a mobile link does: a short, clean close
+                        self.close_connection = True
                 self.wfile.write(body)
                 with server._lock:
                     server.bytes_sent += len(body)

@@ -492,3 +492,51 @@ def test_a_rebuild_of_an_installed_version_replaces_it(tmp_path: Path) -> None:
     third = store.install(bundlekit.good_bundle(tmp_path / "c.phi", created_at="2026-03-01T00:00:00Z"))
     assert [m.path for m in store.installed("tiny")] == [third.path]
     assert store.current("tiny").path == third.path  # type: ignore[union-attr]
+
+
+def test_threads_past_the_cores_and_a_never_expiring_channel_are_refused(
+    phi3_bundle: Path, tmp_path: Path
+) -> None:
+    cores = len(os.sched_getaffinity(0))
+    run = subprocess.run(
+        [*exe("edge-run"), str(phi3_bundle), "-p", "Hi", "--threads", "100000"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "EDGEPHI_HOME": str(tmp_path / "home")},
+    )
+    assert run.returncode == 2  # a usage error
+    assert f"--threads 100000 is not between 1 and the {cores} cores" in _one_error_line(run)
+    subprocess.run([*exe("edge-pack"), "keygen", str(tmp_path / "k")], check=True, capture_output=True)
+    signed = tmp_path / "s.phi"
+    subprocess.run(
+        [
+            *exe("edge-pack"),
+            "sign",
+            str(bundlekit.good_bundle(tmp_path / "u.phi")),
+            "-o",
+            str(signed),
+            "--key",
+            str(tmp_path / "k"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    published = subprocess.run(
+        [
+            *exe("edge-pack"),
+            "publish",
+            str(signed),
+            str(tmp_path / "ch"),
+            "--key",
+            str(tmp_path / "k"),
+            "--expires-days",
+            "36500000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert published.returncode == 2
+    assert "--expires-days must be above 0 and at most 3660" in _one_error_line(published, "edge-pack")
+    assert not (tmp_path / "ch" / "index.json").exists()

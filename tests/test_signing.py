@@ -73,6 +73,22 @@ def test_a_trust_store_requires_signatures_even_for_installed_models(
     assert store.install(good_bundle(tmp_path / "s.phi", key)).verification.status == "trusted"  # type: ignore[union-attr]
 
 
+def test_a_damaged_key_file_is_ignored_but_never_turns_the_trust_store_off(
+    store: Store, tmp_path: Path, key: SigningKey
+) -> None:
+    store.trust.folder.mkdir(parents=True)
+    (store.trust.folder / "broken.pub").write_text("edgephi-ed25519 not-base64!")
+    # Only a damaged key: signatures are still required, so an unsigned bundle does not run.
+    with pytest.raises(SignatureError, match="unsigned"):
+        store.install(good_bundle(tmp_path / "u.phi"))
+    # A good key beside it: its bundles verify as before.
+    trust(store, key, tmp_path)
+    assert store.install(good_bundle(tmp_path / "s.phi", key)).verification.status == "trusted"  # type: ignore[union-attr]
+    listed = CliRunner().invoke(run_app, ["trust", "list", "--store", str(store.root)])
+    assert listed.exit_code == 0 and key.key_id in listed.stdout
+    assert "broken.pub is not an edgephi public key (bad key data); that key is not trusted" in listed.stderr
+
+
 def test_insecure_skip_verify_is_explicit_and_still_checks_hashes(
     store: Store, tmp_path: Path, key: SigningKey
 ) -> None:

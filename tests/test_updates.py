@@ -24,6 +24,7 @@ from edgephi.runtime import bundle, load, updater
 from edgephi.runtime.errors import (
     ChannelError,
     DowngradeRefused,
+    DownloadError,
     HealthCheckFailed,
     IncompatibleBundle,
     IntegrityError,
@@ -226,6 +227,37 @@ def test_an_interrupted_download_resumes(device: Store, channel, releases, key, 
     assert done.returncode == 0, done.stderr
     assert (server.range_requests > 0) is (not ignore_range)
     runs(device, "1.0.0")
+
+
+def test_a_clean_close_mid_file_keeps_the_part_and_resumes(device: Store, channel, releases, key) -> None:  # type: ignore[no-untyped-def]
+    """A server (a proxy, a mobile link) that ends a blob with a clean FIN half-way."""
+    folder, server = channel
+    publish(releases["1.0.0"], folder, key, blobs=False)
+    size = releases["1.0.0"].stat().st_size
+    server.cut_after = size // 2
+    with pytest.raises(DownloadError, match=f"broke off after {size // 2} of {size} bytes"):
+        updater.update(server.url, NAME, store=device)
+    [part] = (device.root / "downloads").glob("*.part")
+    assert part.stat().st_size == size // 2 and device.current(NAME) is None
+    server.reset_counters()
+    [result] = updater.update(server.url, NAME, store=device)
+    assert server.range_requests == 1 and result.downloaded_bytes == size - size // 2
+    runs(device, "1.0.0")
+
+
+def test_an_index_digest_is_never_a_path(device: Store, channel, releases, key, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A signed index whose sha256 climbs out of the store (or names a local file) is refused."""
+    folder, server = channel
+    release = publish(releases["1.0.0"], folder, key, blobs=False)
+    outside = tmp_path / "outside"
+    for digest in (f"../../../../{outside}/x", str(releases["1.0.0"]).removesuffix(".phi"), "A" * 64):
+        write_index(folder, {NAME: dataclasses.replace(release, sha256=digest)}, key, 30)
+        with pytest.raises(ChannelError, match="sha256 that is not 64 hex digits"):
+            updater.update(server.url, NAME, store=device)
+    write_index(folder, {NAME: dataclasses.replace(release, manifest_sha256="0" * 63)}, key, 30)
+    with pytest.raises(ChannelError, match="sha256 that is not 64 hex digits"):
+        updater.update(server.url, NAME, store=device)
+    assert not outside.exists() and device.current(NAME) is None
 
 
 STEPS = ["mid-download", "after-download", "mid-unpack", "before-switch", "after-switch"]
