@@ -537,6 +537,18 @@ def serve(
         str, typer.Option("--host", help="Address to listen on (keep 127.0.0.1 unless you mean it).")
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port (0 picks a free one).")] = 8080,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="EDGEPHI_API_KEY",
+            help="Require Authorization: Bearer KEY (needed to listen beyond 127.0.0.1).",
+        ),
+    ] = None,
+    insecure_no_auth: Annotated[
+        bool,
+        typer.Option("--insecure-no-auth", help="Listen beyond 127.0.0.1 without an API key."),
+    ] = False,
     max_queue: Annotated[int, typer.Option("--max-queue", help="Requests that may wait; more get 503.")] = 8,
     max_body: Annotated[
         int | None,
@@ -571,6 +583,11 @@ def serve(
     """Serve the model over an OpenAI-compatible HTTP API until SIGTERM or Ctrl-C."""
     from edgephi.runtime import server
 
+    if not server.is_loopback(host) and api_key is None and not insecure_no_auth:
+        raise ConfigError(
+            f"--host {host} lets anyone who can reach this device use the model, and no --api-key is set",
+            hint="give --api-key KEY (or EDGEPHI_API_KEY), or --insecure-no-auth on a network of yours alone",
+        )
     if slots is not None:
         # Checked from the bundle's header, before anything is unpacked or loaded.
         planned = loader.plan(
@@ -593,6 +610,7 @@ def serve(
     config = server.ServerConfig(
         model_name=name,
         host=host,
+        api_key=api_key,
         port=port,
         max_queue=max_queue,
         max_body=max_body or (server.VISION_MAX_BODY if engine.vision else server.TEXT_MAX_BODY),

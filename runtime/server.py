@@ -7,6 +7,11 @@ never fetches a URL from the network),
 library's threading HTTP server, so a device needs nothing more than the runtime.
 
 * It listens on 127.0.0.1 unless told otherwise: a model on a device is not a public service.
+  Beyond loopback it wants an API key (``Authorization: Bearer KEY``). A web page the
+  user visits cannot use it either: on loopback a request must name a loopback ``Host``
+  (DNS rebinding), a browser's ``Origin`` must be loopback, and a POST must say
+  ``Content-Type: application/json``, which no page can send without the server's consent
+  (a CORS preflight this server never grants).
 * One generation runs at a time and at most ``max_queue`` requests wait for it; more get
   503 with ``Retry-After``.
 * Each of ``slots`` sessions (``edgephi.runtime.session``; as many as the memory plan holds
@@ -30,6 +35,7 @@ import base64
 import binascii
 import dataclasses
 import errno
+import hmac
 import json
 import re
 import signal
@@ -65,6 +71,7 @@ class ServerConfig:
     slots: int = 1
     log_requests: bool = True  # one line per request on stderr; never the prompt or answer...
     log_prompts: bool = False  # ...unless asked: then both, JSON-quoted, on the same line
+    api_key: str | None = None  # required as "Authorization: Bearer KEY" on every route but /health
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -73,6 +80,26 @@ class ServerConfig:
             raise ConfigError(f"slots must be at least 1, not {self.slots}")
         if self.max_queue < 1 or self.max_body < 1024:
             raise ConfigError("max_queue must be >= 1 and max_body >= 1024 bytes")
+        if self.api_key is not None and (len(self.api_key) < 8 or not self.api_key.isprintable()):
+            raise ConfigError("--api-key must be at least 8 printable characters")
+
+    @property
+    def loopback(self) -> bool:
+        return is_loopback(self.host)
+
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK_NAMES or host.startswith("127.")
+
+
+def _hostname(authority: str) -> str:
+    """``host[:port]`` or ``[v6]:port`` → the host."""
+    if authority.startswith("["):
+        return authority[1:].split("]")[0]
+    return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
 
 
 class ApiError(Exception):
@@ -481,10 +508,42 @@ class _Handler(BaseHTTPRequestHandler):
 
     # --- routes -----------------------------------------------------------------------
 
+    def _refuse(self) -> ApiError | None:
+        """Who may ask: the checks every request passes before anything else is read."""
+        config = self.owner.config
+        if config.loopback:
+            host = _hostname(self.headers.get("Host", ""))
+            if not is_loopback(host):
+                return ApiError(403, f"Host {host!r} is not this loopback server", kind="permission_error")
+        origin = self.headers.get("Origin")
+        if origin is not None and not is_loopback(_hostname(origin.split("://", 1)[-1])):
+            return ApiError(
+                403, f"requests from web pages ({origin}) are not served", kind="permission_error"
+            )
+        if config.api_key is not None and self.path != "/health":
+            given = self.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
+                return ApiError(
+                    401,
+                    "a valid API key is required (Authorization: Bearer KEY)",
+                    kind="authentication_error",
+                    code="invalid_api_key",
+                )
+        if self.command == "POST":
+            kind = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            if kind != "application/json":
+                self.close_connection = True  # its body is not read
+                return ApiError(415, "the request body must be JSON, sent as Content-Type: application/json")
+        return None
+
     def do_GET(self) -> None:
         start = time.perf_counter()
         self.status = 0  # a kept-alive connection's handler serves many requests
         try:
+            refused = self._refuse()
+            if refused is not None:
+                self._fail(refused)
+                return
             self._get()
         finally:
             self._log_line(start)
@@ -529,6 +588,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _post(self, outcome: Outcome) -> None:
         try:
+            refused = self._refuse()
+            if refused is not None:
+                raise refused
             if self.path not in ("/v1/chat/completions", "/v1/completions"):
                 raise ApiError(404, f"no route {self.path}", code="not_found")
             body = self._read_json()

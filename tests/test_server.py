@@ -7,6 +7,8 @@ import json
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -254,7 +256,10 @@ def test_a_negative_content_length_is_refused_without_reading(server: ModelServe
     # rfile.read(-1) would buffer until the client closes: this client never does.
     host, port = server.httpd.server_address[:2]
     with socket.create_connection((str(host), port), timeout=30) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n")
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: -1\r\n\r\n"
+        )
         sock.sendall(b"{" * (64 << 10))  # and more would follow, and the connection stays open
         data = b""
         while chunk := sock.recv(4096):  # the server closes the connection after its answer
@@ -295,3 +300,67 @@ def test_a_body_nested_past_the_parser_is_a_400(server: ModelServer) -> None:
     body = b"[" * 30_000 + b"]" * 30_000  # under the body limit, past the parser's depth
     status, reply, _ = raw(server, "POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
     assert status == 400 and "nested too deeply" in reply["error"]["message"]
+
+
+def test_a_web_page_cannot_use_the_server(server: ModelServer) -> None:
+    """What a page the user visits can send: a CORS "simple" text/plain POST, and requests
+    through a rebound DNS name or from its own origin. None of them runs the model."""
+    body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}).encode()
+    status, reply, _ = raw(server, "POST", "/v1/chat/completions", body, {"Content-Type": "text/plain"})
+    assert status == 415 and "Content-Type: application/json" in reply["error"]["message"]
+    json_type = {"Content-Type": "application/json"}
+    status, reply, _ = raw(
+        server, "POST", "/v1/chat/completions", body, {**json_type, "Host": "evil.example:8080"}
+    )
+    assert status == 403 and "'evil.example' is not this loopback server" in reply["error"]["message"]
+    status, reply, _ = raw(server, "GET", "/v1/models", None, {"Host": "attacker.test"})
+    assert status == 403
+    status, reply, _ = raw(
+        server, "POST", "/v1/chat/completions", body, {**json_type, "Origin": "https://evil.example"}
+    )
+    assert status == 403 and "web pages" in reply["error"]["message"]
+    # The same request from a local client is served.
+    status, reply, _ = raw(
+        server, "POST", "/v1/chat/completions", body, {**json_type, "Origin": "http://localhost:3000"}
+    )
+    assert status == 200, reply
+
+
+def test_an_api_key_is_required_when_set(server: ModelServer) -> None:
+    engine = server.engine  # a second server on the same model, asked one at a time
+    srv = ModelServer(engine, ServerConfig(model_name=engine.model_name, port=0, api_key="s3cret-key"))
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        ask = {
+            "model": "smollm2-135m-instruct",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 4,
+        }
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0).chat.completions.create(
+                **ask
+            )
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0).models.list()
+        good = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret-key", max_retries=0)
+        assert good.chat.completions.create(**ask).choices[0].message.content
+        assert raw(srv, "GET", "/health")[0] == 200  # probes need no key
+    finally:
+        srv.shutdown()
+        thread.join(timeout=30)
+
+
+def test_listening_beyond_loopback_needs_a_key(smollm2_bundle: Path) -> None:
+    exe = str(Path(sys.executable).with_name("edge-run"))
+    out = subprocess.run(
+        [exe, "serve", str(smollm2_bundle), "--host", "0.0.0.0", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    [line] = out.stderr.strip().splitlines()
+    assert (
+        "--host 0.0.0.0 lets anyone who can reach this device use the model" in line and "--api-key" in line
+    )
