@@ -12,6 +12,7 @@ Layout under the store root (``EDGEPHI_HOME``, else ``$XDG_DATA_HOME/edgephi``, 
     downloads/                                        update downloads, kept across restarts
     staging/<random>/                                 an install in progress
     trusted-keys/*.pub                                the trust store (unless EDGEPHI_TRUST is set)
+    channels.json                                     per channel, the newest index accepted
 
 An install checks the signature policy, unpacks and hashes into a fresh staging
 directory on the same file system, checks what the model files ask of the runtime
@@ -310,6 +311,25 @@ class Store:
         """Keep ``name`` at its current version whatever a channel offers (or stop keeping it)."""
         state = {k: v for k, v in self._state(name).items() if k != "held"}
         self._write_state(name, {**state, "held": True} if on else state)
+
+    # channels.json: {channel URL: the issued_at of the newest index accepted from it}.
+
+    def channel_seen(self, url: str) -> str | None:
+        value = self._channels().get(url)
+        return value if isinstance(value, str) else None
+
+    def see_channel(self, url: str, issued_at: str) -> None:
+        atomic_write_bytes(
+            self.root / "channels.json",
+            json.dumps({**self._channels(), url: issued_at}, sort_keys=True).encode(),
+        )
+
+    def _channels(self) -> dict[str, Any]:
+        try:
+            seen = json.loads((self.root / "channels.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return seen if isinstance(seen, dict) else {}
 
     def adopt(self, model: InstalledModel) -> None:
         """Make ``model`` current if its name has no current version yet.

@@ -112,9 +112,21 @@ def update_lock(store: Store) -> Iterator[None]:
 
 
 def fetch_index(channel_url: str, store: Store) -> channel.ChannelIndex:
+    """The channel's index, signed by a trusted key, unexpired, and not older than the newest
+    index this device accepted from that channel: a replayed old index (validly signed and
+    not yet expired) would otherwise freeze the device at old versions until it expires."""
     raw = download.fetch_bytes(download.join(channel_url, channel.INDEX), channel.MAX_INDEX_BYTES)
     sig = download.fetch_optional(download.join(channel_url, channel.INDEX_SIG), 64 << 10)
-    return channel.verify_index(raw, sig, store.trust.keys())
+    index = channel.verify_index(raw, sig, store.trust.keys())
+    seen = store.channel_seen(channel_url)
+    if seen is not None and channel.parse_time(index.issued_at) < channel.parse_time(seen):
+        raise ChannelError(
+            f"the channel served an index issued at {index.issued_at}, older than the one this "
+            f"device accepted ({seen}): a replay, or a mirror that is behind",
+            hint="nothing was changed; try again later, or ask the publisher to re-publish",
+        )
+    store.see_channel(channel_url, index.issued_at)
+    return index
 
 
 def update(

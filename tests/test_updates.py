@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -258,6 +259,24 @@ def test_an_index_digest_is_never_a_path(device: Store, channel, releases, key, 
     with pytest.raises(ChannelError, match="sha256 that is not 64 hex digits"):
         updater.update(server.url, NAME, store=device)
     assert not outside.exists() and device.current(NAME) is None
+
+
+def test_a_replayed_older_index_cannot_freeze_the_device(device: Store, channel, releases, key) -> None:  # type: ignore[no-untyped-def]
+    """A network attacker replays the index (validly signed, unexpired) that offered 1.0.0
+    after the device saw the one offering 1.1.0: before, the device said "up to date"."""
+    folder, server = channel
+    publish(releases["1.0.0"], folder, key)
+    updater.update(server.url, NAME, store=device)
+    old = {n: (folder / n).read_bytes() for n in ("index.json", "index.sig")}
+    time.sleep(1.1)  # issued_at has one-second resolution
+    publish(releases["1.1.0"], folder, key)
+    [seen] = updater.update(server.url, NAME, store=device, check_only=True)
+    assert seen.status == "available"
+    for n, data in old.items():
+        (folder / n).write_bytes(data)
+    with pytest.raises(ChannelError, match="older than the one this device accepted"):
+        updater.update(server.url, NAME, store=device)
+    runs(device, "1.0.0")
 
 
 STEPS = ["mid-download", "after-download", "mid-unpack", "before-switch", "after-switch"]
