@@ -283,11 +283,32 @@ def check_members(zf: zipfile.ZipFile, manifest: Manifest, header: int) -> dict[
     order = [i.filename for i in zf.infolist()[header:]]
     if order != list(expected):
         raise BundleFormatError("model members are not in manifest order")
+    _check_no_overlap(zf)
     if manifest.total_size > MAX_TOTAL_BYTES:
         raise BundleFormatError(
             f"the bundle unpacks to {manifest.total_size} bytes, over the {MAX_TOTAL_BYTES} limit"
         )
     return members
+
+
+def _check_no_overlap(zf: zipfile.ZipFile) -> None:
+    """Each member's bytes lie apart from every other's and before the central directory.
+
+    Members that share bytes (one deflate stream read as many files) make a small archive
+    expand without bound while each member's own ratio looks harmless; this zipfile does
+    not check it. A member's local header is at least 30 bytes plus its name.
+    """
+    infos = sorted(zf.infolist(), key=lambda i: i.header_offset)
+    limit = getattr(zf, "start_dir", None)
+    for info, following in zip(infos, [*infos[1:], None], strict=True):
+        end = info.header_offset + 30 + len(info.orig_filename.encode()) + info.compress_size
+        bound = following.header_offset if following is not None else limit
+        if bound is not None and end > bound:
+            raise BundleFormatError(
+                f"member {info.filename!r} overlaps "
+                f"{repr(following.filename) if following is not None else 'the central directory'}: "
+                "members may not share bytes"
+            )
 
 
 def _inspect(

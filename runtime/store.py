@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -43,6 +44,7 @@ from edgephi.runtime.manifest import Manifest, is_valid_version, version_key
 from edgephi.runtime.signing import TrustStore
 
 _STALE_STAGING_S = 24 * 3600
+DISK_MARGIN = 64 << 20  # left free after an install or update
 IN_USE = ".in-use"
 
 
@@ -146,11 +148,26 @@ class Store:
         final = self.install_dir(info.manifest)
         if self._is_installed(final, info.manifest):
             return InstalledModel(final, info.manifest, reused=True, verification=info.verification)
+        self.check_space(info.manifest.total_size, f"installing {info.manifest.name}")
         with self.staging() as staging:
             extracted = bundle.extract(info.path, staging, policy)
             if extracted.manifest.digest != info.manifest.digest:
                 raise BundleFormatError("the bundle changed while it was being installed")
             return self.commit(staging, extracted.manifest, info.verification)
+
+    def check_space(self, needed: int, what: str, hint: str = "free some space, or `edge-run prune`") -> None:
+        """Refuse, before writing anything, what would not fit on the store's file system
+        (with a margin, so the device is not left with a full disk)."""
+        probe = self.root
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+        if free < needed + DISK_MARGIN:
+            raise StoreError(
+                f"{what} needs {(needed + DISK_MARGIN) / 1e6:.0f} MB free on {self.root}, "
+                f"there is {free / 1e6:.0f} MB",
+                hint=hint,
+            )
 
     @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:

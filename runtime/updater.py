@@ -49,7 +49,6 @@ from edgephi.runtime.manifest import Manifest, version_key
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.store import InstalledModel, Store
 
-DISK_MARGIN = 64 << 20
 Say = Callable[[str], None]
 
 
@@ -199,7 +198,11 @@ def _update_one(
     missing = [f for f in manifest.files if f.sha256 not in have]
     use_blobs = bool(release.blobs)
     to_download = sum(f.size for f in missing) if use_blobs else release.size
-    _check_disk(store, to_download + manifest.total_size)
+    store.check_space(
+        to_download + manifest.total_size,
+        "the update",
+        "free some space (or `edge-run` prunes old versions after each update) and retry",
+    )
     say(f"{name}: {old or 'not installed'} → {release.version}, downloading {to_download} bytes")
 
     downloads = store.root / "downloads"
@@ -282,16 +285,6 @@ def _local_files(store: Store, name: str) -> dict[str, Path]:
             if path.is_file() and path.stat().st_size == entry.size:
                 out.setdefault(entry.sha256, path)
     return out
-
-
-def _check_disk(store: Store, needed: int) -> None:
-    free = shutil.disk_usage(store.root).free
-    if free < needed + DISK_MARGIN:
-        raise StoreError(
-            f"the update needs {(needed + DISK_MARGIN) / 1e6:.0f} MB free on {store.root}, "
-            f"there is {free / 1e6:.0f} MB",
-            hint="free some space (or `edge-run` prunes old versions after each update) and retry",
-        )
 
 
 def _stage_from_blobs(

@@ -21,6 +21,7 @@ import tiny
 from conftest import build_bundle, start_serve
 from edgephi.packager.cli import app as pack_app
 from edgephi.runtime.cli import app as run_app
+from edgephi.runtime.errors import StoreError
 from edgephi.runtime.store import InUse, Store
 from typer.testing import CliRunner
 
@@ -540,3 +541,12 @@ def test_threads_past_the_cores_and_a_never_expiring_channel_are_refused(
     assert published.returncode == 2
     assert "--expires-days must be above 0 and at most 3660" in _one_error_line(published, "edge-pack")
     assert not (tmp_path / "ch" / "index.json").exists()
+
+
+def test_an_install_that_would_not_fit_is_refused_before_writing(tmp_path: Path) -> None:
+    store = Store(tmp_path / "home")
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(StoreError, match=r"installing big needs \d+ MB free on .*, there is \d+ MB"):
+        store.check_space(free, "installing big")  # the margin makes even "all of it" too much
+    store.check_space(1 << 20, "installing small")
+    assert not store.root.exists()  # a check writes nothing

@@ -92,6 +92,31 @@ def bomb(out: Path) -> Path:
     return craft(out, manifest_for(files), members, keys=[KEY])
 
 
+def overlapping(out: Path) -> Path:
+    """Two members sharing bytes: model.onnx.data's data *is* tokenizer.json's whole local
+    record, and the central directory points tokenizer.json inside it (the overlapping-member
+    ZIP bomb's mechanism: each member's ratio is harmless, their sum is not)."""
+    import io
+
+    files = default_files()
+    last = "tokenizer.json"
+    one = io.BytesIO()
+    with zipfile.ZipFile(one, "w") as zf:
+        zf.writestr(zipfile.ZipInfo(f"model/{last}", (1980, 1, 1, 0, 0, 0)), files[last])
+    record = one.getvalue()[: one.getvalue().index(b"PK\x01\x02")]  # local header + data
+    files["model.onnx.data"] = record
+    path = craft(out, manifest_for(files), members_for(files), keys=[KEY])
+    data = bytearray(path.read_bytes())
+    host = data.index(record)  # the copy inside model.onnx.data's data
+    needle = f"model/{last}".encode()
+    central = data.index(b"PK\x01\x02")
+    while data[central + 46 : central + 46 + len(needle)] != needle:
+        central = data.index(b"PK\x01\x02", central + 4)
+    data[central + 42 : central + 46] = host.to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    return path
+
+
 def many_members(out: Path) -> Path:
     files = default_files()
     extra = {f"x/{i}.bin": b"x" for i in range(MAX_FILES + 5)}
@@ -216,6 +241,7 @@ CASES: dict[str, Craft] = {
     "bit flip in tokenizer": flipped("model/tokenizer.json"),
     "bit flip in central directory": flipped("central-directory"),
     "decompression bomb": bomb,
+    "overlapping members": overlapping,
     "huge member count": many_members,
     "huge manifest": huge_manifest,
     "valid signature from an untrusted key": untrusted_signature,
@@ -288,6 +314,7 @@ REASONS = {
     "non-canonical manifest": "canonical form",
     "too-new major format version": "not readable by this runtime",
     "unknown format": "expected 'edgephi-bundle'",
+    "overlapping members": "members may not share bytes",
     "encrypted member": "is encrypted",
     "not a zip": "not a .phi bundle",
     "empty file": "not a .phi bundle",
