@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from edgephi.packager.vision import VisionSpec
 from edgephi.runtime import images
 from edgephi.runtime.bundle import MANIFEST_MEMBER
 from edgephi.runtime.errors import BuildError
+from edgephi.runtime.fsutil import sha256_file
 from edgephi.runtime.manifest import FileEntry, check_member_path
 from edgephi.targets import Precision
 
@@ -183,11 +183,7 @@ def file_entries(model_dir: Path) -> list[FileEntry]:
         if rel == MANIFEST_MEMBER:
             raise BuildError(f"the model folder contains a file named {MANIFEST_MEMBER}, which is reserved")
         check_member_path(rel)
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-        entries.append(FileEntry(rel, path.stat().st_size, digest.hexdigest()))
+        entries.append(FileEntry(rel, path.stat().st_size, sha256_file(path)))
     if not entries:
         raise BuildError(f"the model folder {model_dir} is empty")
     return entries

@@ -20,19 +20,11 @@ from pathlib import Path
 
 from edgephi.runtime import bundle, channel
 from edgephi.runtime.errors import ChannelError, ConfigError
-from edgephi.runtime.fsutil import atomic_output, atomic_write_bytes
+from edgephi.runtime.fsutil import atomic_output, atomic_write_bytes, sha256_file
 from edgephi.runtime.manifest import version_key
 from edgephi.runtime.signing import SigningKey, encode_signatures
 
 MAX_EXPIRES_DAYS = 3660  # ten years
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _now() -> _dt.datetime:
@@ -88,7 +80,7 @@ def publish(
         version=m.version,
         bundle=bundle_rel,
         size=bundle_path.stat().st_size,
-        sha256=_sha256(bundle_path),
+        sha256=sha256_file(bundle_path),
         manifest=manifest_rel,
         manifest_sha256=hashlib.sha256(raw).hexdigest(),
         blobs="blobs" if blobs else "",

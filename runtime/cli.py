@@ -26,7 +26,7 @@ import typer
 from edgephi.runtime import console, loader, memory
 from edgephi.runtime.chat import Conversation
 from edgephi.runtime.engine import Engine
-from edgephi.runtime.errors import BundleNotFound, ConfigError, EdgeError
+from edgephi.runtime.errors import BundleNotFound, ConfigError, EdgeError, IntegrityError
 from edgephi.runtime.images import Image, image_tokens, load_image
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.session import Session
@@ -425,6 +425,32 @@ def remove(
         raise BundleNotFound(f"{model} is not installed", hint="`edge-run list` shows what is")
     freed = memory.format_size(sum(the_store.size(m) for m in removed))
     print(f"removed {model} ({len(removed)} install{'s' if len(removed) > 1 else ''}, {freed})")
+
+
+@app.command("verify")
+def verify_cmd(
+    model: Annotated[str, typer.Argument(help="NAME (its current version) or NAME:VERSION.")],
+    store: StoreOpt = None,
+) -> None:
+    """Re-hash an installed model's files; a damaged copy is set aside so it cannot run."""
+    name, _, version = model.partition(":")
+    the_store = Store(store) if store else Store()
+    found = the_store.find(name, version or None)
+    if found is None:
+        raise BundleNotFound(f"{model} is not installed", hint="`edge-run list` shows what is")
+    start = time.perf_counter()
+    problems = the_store.damage(found)
+    took = time.perf_counter() - start
+    ref = f"{found.manifest.name}:{found.manifest.version}"
+    if problems:
+        the_store.quarantine(found)
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise IntegrityError(
+            f"{ref} is damaged: {problems[0]}{more}; it was set aside and will not run",
+            hint="run its .phi again to reinstall it, or `edge-run update` from its channel",
+        )
+    size = memory.format_size(the_store.size(found))
+    print(f"{ref}: {len(found.manifest.files)} files, {size}, every sha256 matches ({took:.2f} s)")
 
 
 @app.command("prune")

@@ -13,7 +13,6 @@ what the signed index or manifest promised before it is renamed to ``dest``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import sys
@@ -24,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edgephi.runtime.errors import DownloadError, IntegrityError
+from edgephi.runtime.fsutil import sha256_file
 
 _CHUNK = 1 << 16
 TIMEOUT_S = 60
@@ -128,15 +128,12 @@ def _read_meta(meta: Path) -> str | None:
 
 def _check_and_finish(part: Path, meta: Path, dest: Path, size: int, sha256: str, url: str) -> None:
     actual_size = part.stat().st_size
-    digest = hashlib.sha256()
-    with open(part, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    if actual_size != size or digest.hexdigest() != sha256:
+    actual = sha256_file(part)
+    if actual_size != size or actual != sha256:
         part.unlink(missing_ok=True)
         meta.unlink(missing_ok=True)
         raise IntegrityError(
-            f"{url}: downloaded {actual_size} bytes with sha256 {digest.hexdigest()[:12]}…, "
+            f"{url}: downloaded {actual_size} bytes with sha256 {actual[:12]}…, "
             f"expected {size} bytes with {sha256[:12]}…"
         )
     os.replace(part, dest)

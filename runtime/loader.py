@@ -116,6 +116,11 @@ def resolve(source: str | Path, store: Store | None = None) -> Path:
                 f"{name} has no version {version} installed; it has {', '.join(versions)}",
                 hint="`edge-run list` shows what is installed",
             )
+        if not versions and any((the_store.models_dir / name).glob(".damaged-*")):
+            raise BundleNotFound(
+                f"{name}'s installed copy was set aside as damaged (`edge-run verify`)",
+                hint="run its .phi again to reinstall it, or `edge-run update` from its channel",
+            )
     return path
 
 

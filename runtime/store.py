@@ -39,7 +39,7 @@ from typing import Any
 
 from edgephi.runtime import bundle, modelcheck
 from edgephi.runtime.errors import BundleFormatError, EdgeError, StoreError
-from edgephi.runtime.fsutil import atomic_write_bytes, fsync_dir, remove_tree
+from edgephi.runtime.fsutil import atomic_write_bytes, fsync_dir, remove_tree, sha256_file
 from edgephi.runtime.manifest import Manifest, is_valid_version, version_key
 from edgephi.runtime.signing import TrustStore
 
@@ -407,15 +407,48 @@ class Store:
         if not keep:
             return []
         removed = [m.path for m in self.installed(name) if m.path not in keep and not in_use(m.path)]
+        removed += [p for p in (self.models_dir / name).glob(".damaged-*") if not in_use(p)]
         for path in removed:
             remove_tree(path)
         return removed
 
     def _is_installed(self, final: Path, manifest: Manifest) -> bool:
+        """Whether ``final`` holds ``manifest``'s install, whole by size. A copy whose files
+        lost or changed length is set aside (``quarantine``), so the install redoes it."""
         try:
-            return (final / bundle.MANIFEST_MEMBER).read_bytes() == manifest.canonical_bytes()
+            if (final / bundle.MANIFEST_MEMBER).read_bytes() != manifest.canonical_bytes():
+                return False
         except OSError:
             return False
+        model = InstalledModel(final, manifest, reused=True)
+        if self.damage(model, full=False):
+            self.quarantine(model)
+            return False
+        return True
+
+    def damage(self, model: InstalledModel, full: bool = True) -> list[str]:
+        """What is wrong with an installed copy's files: missing, resized, or (``full``: every
+        byte re-hashed) changed. Empty when it is as installed."""
+        problems: list[str] = []
+        for entry in model.manifest.files:
+            path = model.path.joinpath(*entry.path.split("/"))
+            try:
+                size = path.stat().st_size
+            except OSError:
+                problems.append(f"{entry.path} is missing")
+                continue
+            if size != entry.size:
+                problems.append(f"{entry.path} is {size} bytes, not {entry.size}")
+            elif full and sha256_file(path) != entry.sha256:
+                problems.append(f"{entry.path} does not match its sha256")
+        return problems
+
+    def quarantine(self, model: InstalledModel) -> Path:
+        """Move a damaged copy aside (``.damaged-…``, which ``prune`` and ``rm`` clear): it no
+        longer runs, and installing its bundle again makes a fresh copy."""
+        aside = model.path.with_name(f".damaged-{model.path.name}-{int(time.time())}")
+        os.rename(model.path, aside)
+        return aside
 
     def _new_staging(self) -> Path:
         try:

@@ -550,3 +550,40 @@ def test_an_install_that_would_not_fit_is_refused_before_writing(tmp_path: Path)
         store.check_space(free, "installing big")  # the margin makes even "all of it" too much
     store.check_space(1 << 20, "installing small")
     assert not store.root.exists()  # a check writes nothing
+
+
+def test_a_damaged_install_is_found_set_aside_and_reinstalled(phi3_bundle: Path, tmp_path: Path) -> None:
+    home = ["--store", str(tmp_path / "home")]
+    store = Store(tmp_path / "home")
+
+    def edge_run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*exe("edge-run"), *args, *home], capture_output=True, text=True, timeout=120)
+
+    first = edge_run(str(phi3_bundle), "-p", "Hi", "-n", "4", "-t", "0")
+    assert first.returncode == 0, first.stderr
+    ok = edge_run("verify", "phi35-tiny")
+    assert ok.returncode == 0 and "every sha256 matches" in ok.stdout, ok.stderr
+    # Bytes flipped in place (a failing card): same size, so only a re-hash sees it.
+    weights = store.current("phi35-tiny").path / "model.onnx.data"  # type: ignore[union-attr]
+    data = bytearray(weights.read_bytes())
+    data[1000:3000] = bytes(b ^ 0xFF for b in data[1000:3000])
+    weights.write_bytes(bytes(data))
+    bad = edge_run("verify", "phi35-tiny")
+    assert bad.returncode == 1
+    line = _one_error_line(bad)
+    assert "phi35-tiny:1.0.0 is damaged: model.onnx.data does not match its sha256; it was set aside" in line
+    assert "run its .phi again to reinstall it" in line
+    gone = _one_error_line(edge_run("phi35-tiny", "-p", "Hi"))
+    assert "phi35-tiny's installed copy was set aside as damaged" in gone
+    again = edge_run(str(phi3_bundle), "-p", "Hi", "-n", "4", "-t", "0")
+    assert again.returncode == 0 and again.stdout == first.stdout, again.stderr
+    assert edge_run("verify", "phi35-tiny").returncode == 0
+    # A file cut short is seen at the next run of the bundle (sizes are checked each time).
+    tokenizer = store.current("phi35-tiny").path / "tokenizer.json"  # type: ignore[union-attr]
+    tokenizer.write_bytes(tokenizer.read_bytes()[:100])
+    third = edge_run(str(phi3_bundle), "-p", "Hi", "-n", "4", "-t", "0")
+    assert third.returncode == 0 and third.stdout == first.stdout, third.stderr
+    assert edge_run("verify", "phi35-tiny").returncode == 0
+    assert edge_run("prune").returncode == 0 and not list(
+        (store.models_dir / "phi35-tiny").glob(".damaged-*")
+    )
