@@ -485,6 +485,19 @@ def trust_add(
     print(f"trusted key {added.key_id} ({trust.folder}); unsigned bundles are now refused")
 
 
+@trust_app.command("remove")
+def trust_remove(
+    key: Annotated[str, typer.Argument(help="The key id (from `edge-run trust list`), or its file's name.")],
+    store: StoreOpt = None,
+) -> None:
+    """Stop trusting a publisher key (a revoked or rotated one)."""
+    trust = (Store(store) if store else Store()).trust
+    removed = trust.remove(key)
+    print(f"removed {', '.join(p.name for p in removed)} from {trust.folder}")
+    if not trust.active:
+        console.info("warning: that was the last trusted key; unsigned bundles run again, with a warning")
+
+
 @trust_app.command("list")
 def trust_list(store: StoreOpt = None) -> None:
     """List the trusted publisher keys."""

@@ -210,6 +210,28 @@ class TrustStore:
         a damaged trust store must not turn into no trust store."""
         return bool(self.files())
 
+    def remove(self, which: str) -> list[Path]:
+        """Stop trusting a key: by key id, or by its file's name (a damaged file has no id)."""
+        doomed = [
+            path
+            for path in self.files()
+            if path.name in (which, f"{which}.pub") or self.keys_in(path) == which
+        ]
+        if not doomed:
+            raise KeyFileError(
+                f"no trusted key {which!r} in {self.folder}", hint="`edge-run trust list` shows the key ids"
+            )
+        for path in doomed:
+            path.unlink()
+        return doomed
+
+    @staticmethod
+    def keys_in(path: Path) -> str | None:
+        try:
+            return load_public_key(path).key_id
+        except KeyFileError:
+            return None
+
     def add(self, public_key_file: Path) -> PublicKey:
         key = load_public_key(public_key_file)
         self.folder.mkdir(parents=True, exist_ok=True)

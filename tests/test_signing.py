@@ -233,3 +233,23 @@ def test_trust_store_from_environment(
     assert TrustStore(folder).active
     with zipfile.ZipFile(good_bundle(tmp_path / "g.phi", key)) as zf:
         assert zf.namelist()[:2] == ["manifest.json", "manifest.sig"]
+
+
+def test_trust_remove_revokes_a_key(store: Store, tmp_path: Path, key: SigningKey) -> None:
+    trust(store, key, tmp_path)
+    other = SigningKey.generate()
+    pub = tmp_path / "other.pub"
+    pub.write_text(other.public.to_text())
+    store.trust.add(pub)
+    signed = good_bundle(tmp_path / "s.phi", key)
+    assert store.install(signed).verification.status == "trusted"  # type: ignore[union-attr]
+    runner = CliRunner()
+    out = runner.invoke(run_app, ["trust", "remove", key.key_id, "--store", str(store.root)])
+    assert out.exit_code == 0 and f"removed {key.key_id}.pub" in out.stdout
+    # Its bundles no longer install, nor does an installed copy run under the new policy.
+    with pytest.raises(SignatureError, match="trusts none"):
+        store.install(signed)
+    missing = runner.invoke(run_app, ["trust", "remove", key.key_id, "--store", str(store.root)])
+    assert f"no trusted key '{key.key_id}'" in str(missing.exception)  # the console prints it in one line
+    last = runner.invoke(run_app, ["trust", "remove", other.key_id, "--store", str(store.root)])
+    assert last.exit_code == 0 and "that was the last trusted key" in last.stderr
