@@ -7,7 +7,9 @@ Two files can make onnxruntime(-genai) do more than run a model:
   allowlist; no key anywhere may name a library or profiling; every ``*filename`` value
   must be a file of the bundle.
 * an ONNX model can keep tensors in "external data" files at any path. Every
-  ``location`` must be a plain relative path to a file of the bundle.
+  ``location`` — in graphs, subgraphs and local functions, of every file genai_config
+  loads whatever its name — must be a plain relative path to a file of the bundle.
+  ``config_entries`` may only tune (an allowlist): some entries name files.
 
 The packager runs the same checks before writing a bundle, the store after unpacking one
 and before it becomes live. The ONNX check parses the protobuf wire format directly, so
@@ -54,6 +56,19 @@ _FORBIDDEN_KEY_PARTS = (
     "optimized_model_filepath",
 )
 _PATHLIKE_SUFFIXES = (".so", ".dll", ".dylib")
+# onnxruntime config entries a bundle may set: tuning only. Others name files to read or
+# write (ep.context_file_path, session.optimized_model_external_initializers_file_name, …).
+CONFIG_ENTRIES_ALLOWED = frozenset(
+    {
+        "session.intra_op.allow_spinning",
+        "session.inter_op.allow_spinning",
+        "session.disable_prepacking",
+        "session.set_denormal_as_zero",
+        "session.use_device_allocator_for_initializers",
+        "session.disable_cpu_ep_fallback",
+        "mlas.enable_gemm_fastmath_arm64_bfloat16",
+    }
+)
 MAX_GRAPH_DEPTH = 32
 
 
@@ -75,6 +90,8 @@ def _walk_config(node: Any, where: str, files: set[str]) -> None:
                 raise UnsafeBundle(f"genai_config.json sets {path}, which is not an allowed session option")
             if key == "provider_options":
                 _check_providers(value, path)
+            if key == "config_entries":
+                _check_config_entries(value, path)
             if lowered.endswith("filename") and value is not None:
                 _check_file_ref(value, path, files)
             _walk_config(value, path, files)
@@ -97,6 +114,28 @@ def _check_providers(value: Any, where: str) -> None:
             for k, v in (options or {}).items() if isinstance(options, dict) else []:
                 if isinstance(v, str) and ("/" in v or "\\" in v):
                     raise UnsafeBundle(f"genai_config.json {where}.{provider}.{k} is a path ({v!r})")
+
+
+def _check_config_entries(value: Any, where: str) -> None:
+    if not isinstance(value, dict):
+        raise UnsafeBundle(f"genai_config.json {where} must be an object")
+    for key, entry in value.items():
+        if key not in CONFIG_ENTRIES_ALLOWED:
+            raise UnsafeBundle(f"genai_config.json {where}.{key} is not an allowed onnxruntime config entry")
+        if not isinstance(entry, str) or len(entry) > 16:
+            raise UnsafeBundle(f"genai_config.json {where}.{key} must be a short string")
+
+
+def _file_refs(node: Any) -> Iterator[str]:
+    """Every ``*filename`` value in a genai_config: the model files og will load."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if str(key).lower().endswith("filename") and isinstance(value, str):
+                yield value
+            yield from _file_refs(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _file_refs(item)
 
 
 def _check_file_ref(value: Any, where: str, files: set[str]) -> None:
@@ -122,10 +161,12 @@ def check_model_dir(model_dir: Path, bundle_files: set[str]) -> None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UnsafeBundle(f"genai_config.json is not valid JSON: {exc}") from None
     check_genai_config(config, bundle_files)
-    for rel in sorted(bundle_files):
-        if rel.endswith(".onnx"):
-            for location in external_data_locations(model_dir / rel):
-                _check_external(rel, location, bundle_files)
+    # Every ONNX file, whatever its name: the ones genai_config loads, and any *.onnx.
+    models = {rel for rel in bundle_files if rel.endswith(".onnx")}
+    models |= {rel for rel in _file_refs(config) if rel in bundle_files and not rel.endswith(".ort")}
+    for rel in sorted(models):
+        for location in external_data_locations(model_dir / rel):
+            _check_external(rel, location, bundle_files)
 
 
 def _check_external(model_rel: str, location: str, files: set[str]) -> None:
@@ -144,7 +185,8 @@ def _check_external(model_rel: str, location: str, files: set[str]) -> None:
 # --- a minimal protobuf reader for ONNX external-data locations ------------------------------
 
 # (message, field number) pairs that lead to TensorProtos, from onnx.proto.
-_MODEL_GRAPH = 7
+_MODEL_GRAPH, _MODEL_FUNCTIONS = 7, 25
+_FUNCTION_NODE, _FUNCTION_ATTRIBUTE_PROTO = 7, 11
 _GRAPH_NODE, _GRAPH_INITIALIZER, _GRAPH_SPARSE_INITIALIZER = 1, 5, 15
 _NODE_ATTRIBUTE = 5
 _ATTR_T, _ATTR_G, _ATTR_TENSORS, _ATTR_GRAPHS, _ATTR_SPARSE, _ATTR_SPARSES = 5, 6, 10, 11, 22, 23
@@ -233,6 +275,16 @@ def _attribute_locations(buf: memoryview, s: int, e: int, depth: int) -> Iterato
             yield from _graph_locations(buf, fs, fe, depth + 1)
 
 
+def _function_locations(buf: memoryview, s: int, e: int) -> Iterator[str]:
+    for field, fs, fe in _fields(buf, s, e):
+        if field == _FUNCTION_NODE:
+            for f2, s2, e2 in _fields(buf, fs, fe):
+                if f2 == _NODE_ATTRIBUTE:
+                    yield from _attribute_locations(buf, s2, e2, 1)
+        elif field == _FUNCTION_ATTRIBUTE_PROTO:  # attribute defaults
+            yield from _attribute_locations(buf, fs, fe, 1)
+
+
 def external_data_locations(onnx_path: Path) -> list[str]:
     """Every external-data ``location`` an ONNX model file refers to."""
     with open(onnx_path, "rb") as fh:
@@ -245,6 +297,8 @@ def external_data_locations(onnx_path: Path) -> list[str]:
                 for field, s, e in _fields(buf, 0, len(buf)):
                     if field == _MODEL_GRAPH:
                         out.extend(_graph_locations(buf, s, e, 0))
+                    elif field == _MODEL_FUNCTIONS:  # local functions: their nodes' tensors too
+                        out.extend(_function_locations(buf, s, e))
                 return out
             finally:
                 buf.release()

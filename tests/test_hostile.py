@@ -24,6 +24,7 @@ from bundlekit import (
     good_bundle,
     manifest_for,
     members_for,
+    onnx_with_external_data,
     set_central_flags,
 )
 from edgephi.runtime import load
@@ -169,6 +170,51 @@ def external(location: str) -> Craft:
     return signed(default_files(location=location))
 
 
+def renamed_model(location: str) -> Craft:
+    """The decoder file named model.bin (not *.onnx) by genai_config, its data at ``location``."""
+    files = default_files(
+        {
+            **GENAI,
+            "model": {**GENAI["model"], "decoder": {**GENAI["model"]["decoder"], "filename": "model.bin"}},
+        }
+    )
+    files["model.bin"] = files.pop("model.onnx")
+    files = {k: files[k] for k in sorted(files)}
+    files["model.bin"] = onnx_with_external_data(location)
+    return signed(files)
+
+
+def function_constant(location: str) -> Craft:
+    """A model whose local function holds a Constant tensor in external data at ``location``."""
+    from onnx import TensorProto, helper
+
+    value = TensorProto(name="c", data_type=TensorProto.FLOAT, dims=[4])
+    value.data_location = TensorProto.EXTERNAL
+    for key, val in (("location", location), ("offset", "0"), ("length", "16")):
+        entry = value.external_data.add()
+        entry.key, entry.value = key, val
+    fn = helper.make_function(
+        "local",
+        "AddConst",
+        ["x"],
+        ["y"],
+        [helper.make_node("Constant", [], ["c"], value=value), helper.make_node("Add", ["x", "c"], ["y"])],
+        [helper.make_opsetid("", 17)],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("AddConst", ["x"], ["y"], domain="local")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+    )
+    model = helper.make_model(
+        graph, functions=[fn], opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)]
+    )
+    files = default_files()
+    files["model.onnx"] = model.SerializeToString()
+    return signed(files)
+
+
 def encrypted(out: Path) -> Path:
     good_bundle(out, KEY)
     set_central_flags(out, "model/tokenizer.json", 0x1)
@@ -258,6 +304,11 @@ CASES: dict[str, Craft] = {
     "external data ../../etc/passwd": external("../../etc/passwd"),
     "external data /etc/passwd": external("/etc/passwd"),
     "external data not in bundle": external("weights.bin"),
+    "external data of a model not named *.onnx": renamed_model("/etc/passwd"),
+    "external data inside a local function": function_constant("../../etc/passwd"),
+    "genai_config config entry naming a file": genai(
+        session({"config_entries": {"ep.context_file_path": "/tmp/x"}})
+    ),
     "genai_config loads a custom-op library": genai(session({"custom_ops_library": "libevil.so"})),
     "genai_config enables profiling": genai(session({"enable_profiling": "/tmp/prof"})),
     "genai_config provider library path": genai(
@@ -321,6 +372,9 @@ REASONS = {
     "external data ../../etc/passwd": "outside the bundle",
     "external data /etc/passwd": "outside the bundle",
     "external data not in bundle": "does not contain",
+    "external data of a model not named *.onnx": "outside the bundle",
+    "external data inside a local function": "outside the bundle",
+    "genai_config config entry naming a file": "not an allowed onnxruntime config entry",
     "genai_config loads a custom-op library": "would load code",
     "genai_config enables profiling": "would load code",
     "genai_config provider library path": "is a path",
