@@ -71,6 +71,35 @@ def attach_images(messages: Sequence[Message], count: int) -> list[Message]:
     return out
 
 
+# An added token that reads like markup (<|im_end|>, </s>, <tool_call>, [INST]) is a
+# control token: typed in a message, the tokenizer would encode it as the real thing.
+_CONTROL = re.compile(r"^(<[^\s<>]{1,40}>|\[/?[A-Z_]{2,30}\])$")
+_ZWSP = "\u200b"
+
+
+def control_tokens(model_dir: Path) -> tuple[str, ...]:
+    """The tokenizer's control-token strings (longest first), from its added tokens."""
+    try:
+        added = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8")).get("added_tokens", [])
+    except (OSError, ValueError, AttributeError):
+        return ()
+    found = {
+        a["content"]
+        for a in added
+        if isinstance(a, dict) and isinstance(a.get("content"), str) and _CONTROL.match(a["content"])
+    }
+    return tuple(sorted((t for t in found if not IMAGE_TAG.fullmatch(t)), key=len, reverse=True))
+
+
+def defuse(text: str, controls: Sequence[str]) -> str:
+    """``text`` with each control-token string broken by a zero-width space after its first
+    character: the model reads the same characters, the tokenizer no longer sees the token."""
+    for token in controls:
+        if token in text:
+            text = text.replace(token, token[0] + _ZWSP + token[1:])
+    return text
+
+
 def _fold_system(messages: Sequence[Message]) -> list[Message]:
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
     rest = [dict(m) for m in messages if m["role"] != "system"]
@@ -120,6 +149,8 @@ class Engine:
         if self.context < 2:
             raise GenerationError(f"context length {self.context} is too small to generate anything")
         self.has_chat_template = chat_template
+        # Control tokens typed in a message are text, not turns (a request cannot forge one).
+        self.control_tokens = control_tokens(self.model_dir)
         # The tool-call format its template was trained on, and whether it renders tools.
         self.tool_format = tools.call_format(tools.template_text(self.model_dir) if chat_template else "")
         # A vision model (Phi-3.5-vision): og runs its image encoder and embedding sessions
@@ -158,6 +189,12 @@ class Engine:
         ``offered`` tools go where the template puts them, or into a system note of ours
         (``edgephi.runtime.tools``); messages may then carry ``tool_calls`` and ``tool`` turns.
         """
+        messages = [
+            {**m, "content": defuse(m["content"], self.control_tokens)}
+            if isinstance(m.get("content"), str)
+            else m
+            for m in messages
+        ]
         if not self.has_chat_template:
             return "\n\n".join(m["content"] or "" for m in messages)
         listing = None
