@@ -127,10 +127,11 @@ def _check_config_entries(value: Any, where: str) -> None:
 
 
 def _file_refs(node: Any) -> Iterator[str]:
-    """Every ``*filename`` value in a genai_config: the model files og will load."""
+    """Every ``filename`` value in a genai_config: the model files og loads (a
+    ``config_filename`` names a processor's JSON instead)."""
     if isinstance(node, dict):
         for key, value in node.items():
-            if str(key).lower().endswith("filename") and isinstance(value, str):
+            if key == "filename" and isinstance(value, str):
                 yield value
             yield from _file_refs(value)
     elif isinstance(node, list):

@@ -93,6 +93,21 @@ def in_use(folder: Path) -> bool:
     return False
 
 
+def _gone(owner: Path) -> bool:
+    """Whether the process named in a staging folder's owner file has ended (on this host)."""
+    try:
+        pid = int(owner.read_text())
+    except (OSError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # alive, another user's
+    return False
+
+
 def default_root() -> Path:
     env = os.environ.get("EDGEPHI_HOME")
     if env:
@@ -181,6 +196,8 @@ class Store:
             raise StoreError(f"cannot install into {self.root}: {exc.strerror or exc}") from None
         finally:
             remove_tree(staging)
+            with contextlib.suppress(OSError):
+                (self.staging_dir / f"{staging.name}.owner").unlink()
 
     def commit(
         self, staging: Path, manifest: Manifest, verification: bundle.Verification | None = None
@@ -454,17 +471,25 @@ class Store:
         try:
             self.staging_dir.mkdir(parents=True, exist_ok=True)
             self._sweep_stale_staging()
-            return Path(tempfile.mkdtemp(prefix="install-", dir=self.staging_dir))
+            staging = Path(tempfile.mkdtemp(prefix="install-", dir=self.staging_dir))
+            # Whose it is: a sweep may take it as soon as that process is gone.
+            (self.staging_dir / f"{staging.name}.owner").write_text(str(os.getpid()))
+            return staging
         except OSError as exc:
             raise StoreError(
                 f"cannot create a staging directory in {self.root}: {exc.strerror or exc}"
             ) from None
 
     def _sweep_stale_staging(self) -> None:
-        # A crashed install leaves its staging directory behind; clear old ones only, since a
-        # recent one may belong to an install running right now in another process.
+        # A crashed install leaves its staging directory behind. Clear those whose process
+        # is gone, and any older than a day (a recent one without an owner may belong to an
+        # install running right now in another process).
         cutoff = time.time() - _STALE_STAGING_S
         for entry in self.staging_dir.iterdir():
+            if entry.name.endswith(".owner"):
+                continue
+            owner = self.staging_dir / f"{entry.name}.owner"
             with contextlib.suppress(OSError):
-                if entry.stat().st_mtime < cutoff:
+                if entry.stat().st_mtime < cutoff or _gone(owner):
                     remove_tree(entry)
+                    owner.unlink(missing_ok=True)

@@ -300,6 +300,8 @@ def test_kill_9_at_every_step_leaves_a_complete_model(
     assert retried.returncode == 0, retried.stderr
     runs(device, "1.1.0")
     assert device.highest_accepted(NAME) == "1.1.0"
+    # The killed process's staging folder went with the next install, not a day later.
+    assert not device.staging_dir.exists() or list(device.staging_dir.iterdir()) == []
 
 
 def test_refusals_leave_the_device_as_it_was(  # type: ignore[no-untyped-def]
