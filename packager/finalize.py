@@ -19,13 +19,13 @@ from edgephi.runtime.bundle import MANIFEST_MEMBER
 from edgephi.runtime.errors import BuildError
 from edgephi.runtime.fsutil import sha256_file
 from edgephi.runtime.manifest import FileEntry, check_member_path
+from edgephi.runtime.memory import WEIGHT_SUFFIXES
 from edgephi.targets import Precision
 
 _KV_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
 # A vision bundle's default context: one picture at its most expensive (2653 tokens), a
 # question and an answer.
 VISION_CONTEXT = 4096
-_WEIGHT_SUFFIXES = (".onnx", ".ort", ".data", ".onnx_data", ".bin")
 MAX_CROPS_WITH_GLOBAL = 17  # og's processor always passes 16 crop slots and the global view
 
 
@@ -101,7 +101,7 @@ def model_facts(model_dir: Path, hf_config: dict[str, Any]) -> dict[str, Any]:
 
 def memory_facts(files: list[FileEntry], model: dict[str, Any]) -> dict[str, int]:
     """Weights on disk and KV bytes per token for the cache type the bundle was built with."""
-    weights = sum(f.size for f in files if f.path.endswith(_WEIGHT_SUFFIXES))
+    weights = sum(f.size for f in files if f.path.endswith(WEIGHT_SUFFIXES))
     per_element = 2 * model["num_hidden_layers"] * model["num_key_value_heads"] * model["head_size"]
     out = {
         "weights_bytes": weights,

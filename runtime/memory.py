@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgephi.runtime.errors import ConfigError, InsufficientMemory
+from edgephi.runtime.errors import BundleFormatError, ConfigError, InsufficientMemory
 from edgephi.runtime.images import image_tokens, max_image_tokens
 from edgephi.runtime.manifest import Manifest
 
@@ -46,7 +46,11 @@ HEADROOM_FRACTION = 0.10
 MIN_HEADROOM = 256 * MIB
 _UNLIMITED = 1 << 60
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
-_KV_WEIGHT_SUFFIXES = (".onnx", ".data", ".onnx_data", ".bin")
+WEIGHT_SUFFIXES = (".onnx", ".ort", ".data", ".onnx_data", ".bin")  # files whose bytes load as weights
+# A tokenizer.json is parsed into memory at about twice its size (HF tokenizers' vocab and
+# merges tables); a small one is inside RUNTIME_OVERHEAD, a large one is counted.
+TOKENIZER_LOAD_FACTOR = 2.5
+_TOKENIZER_IN_OVERHEAD = 8 * MIB
 
 
 def parse_size(text: str) -> int:
@@ -172,11 +176,17 @@ class ModelShape:
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> ModelShape:
+        """From the manifest's facts, the weights counted from its (hashed) file list too:
+        a manifest that understates them does not shrink the plan."""
         model, memory = manifest.model, manifest.memory
+        files = {f.path: f.size for f in manifest.files}
+        on_disk = sum(size for path, size in files.items() if path.endswith(WEIGHT_SUFFIXES))
+        tokenizer = max(0, files.get("tokenizer.json", 0) - _TOKENIZER_IN_OVERHEAD)
         try:
             heads = int(model.get("num_attention_heads") or model["hidden_size"] // model["head_size"])
             return cls(
-                weights_bytes=int(memory["weights_bytes"]),
+                weights_bytes=max(int(memory["weights_bytes"]), on_disk)
+                + int(tokenizer * TOKENIZER_LOAD_FACTOR),
                 kv_bytes_per_token=int(memory["kv_bytes_per_token"]),
                 num_attention_heads=heads,
                 hidden_size=int(model["hidden_size"]),
@@ -199,7 +209,7 @@ class ModelShape:
             return cls.from_manifest(Manifest.from_bytes(manifest_file.read_bytes()))
         genai: dict[str, Any] = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))
         model, decoder = genai["model"], genai["model"]["decoder"]
-        weights = sum(p.stat().st_size for p in model_dir.rglob("*") if p.name.endswith(_KV_WEIGHT_SUFFIXES))
+        weights = sum(p.stat().st_size for p in model_dir.rglob("*") if p.name.endswith(WEIGHT_SUFFIXES))
         kv = 2 * decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"] * 4
         context = int(model.get("context_length") or genai["search"]["max_length"])
         return cls(
@@ -227,6 +237,45 @@ class ModelShape:
 
     def need(self, tokens: int) -> int:
         return self.fixed_bytes() + self.kv_bytes_per_token * tokens + self.prefill_bytes(tokens)
+
+
+def check_facts(manifest: Manifest, model_dir: Path) -> None:
+    """Refuse a manifest whose model facts (which the memory plan reads) disagree with the
+    model files they describe: genai_config.json's shapes, the files' sizes."""
+    try:
+        genai = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))
+        decoder = genai["model"]["decoder"]
+        model, memory = manifest.model, manifest.memory
+        pairs = [(k, model.get(k), decoder.get(k)) for k in _DECODER_FACTS]
+        pairs += [(k, model.get(k), genai["model"].get(k)) for k in ("vocab_size", "context_length")]
+        wrong = [
+            f"{k} {said} (genai_config.json: {real})"
+            for k, said, real in pairs
+            if said is not None and said != real
+        ]
+        per_element = 2 * decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"]
+        if int(memory.get("kv_bytes_per_token", 0)) < per_element * 2:  # fp16, the smallest og cache
+            wrong.append(
+                f"kv_bytes_per_token {memory.get('kv_bytes_per_token')} (the shapes need {per_element * 2}+)"
+            )
+        if "vision" in genai["model"] and not model.get("vision"):
+            wrong.append("no vision facts for a vision model")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BundleFormatError(f"genai_config.json lacks the model's shapes ({exc})") from None
+    if wrong:
+        raise BundleFormatError(
+            f"the manifest's model facts do not match its files: {'; '.join(wrong)}",
+            hint="the bundle is inconsistent: rebuild it with edge-pack",
+        )
+
+
+_DECODER_FACTS = (
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_size",
+    "hidden_size",
+)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgephi.runtime import bundle, modelcheck
+from edgephi.runtime import bundle, memory, modelcheck
 from edgephi.runtime.errors import BundleFormatError, EdgeError, StoreError
 from edgephi.runtime.fsutil import atomic_write_bytes, fsync_dir, remove_tree, sha256_file
 from edgephi.runtime.manifest import Manifest, is_valid_version, version_key
@@ -208,6 +208,7 @@ class Store:
         and the directory is renamed into place in one step.
         """
         modelcheck.check_model_dir(staging, {f.path for f in manifest.files})
+        memory.check_facts(manifest, staging)  # the plan reads these facts: they must be true
         atomic_write_bytes(staging / bundle.MANIFEST_MEMBER, manifest.canonical_bytes())
         fsync_dir(staging)
         final = self.install_dir(manifest)

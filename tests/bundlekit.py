@@ -21,7 +21,15 @@ GENAI: dict[str, Any] = {
     "model": {
         "type": "llama",
         "context_length": 128,
-        "decoder": {"filename": "model.onnx", "session_options": {"log_id": "x", "provider_options": []}},
+        "decoder": {
+            "filename": "model.onnx",
+            "session_options": {"log_id": "x", "provider_options": []},
+            "num_hidden_layers": 1,
+            "num_attention_heads": 1,
+            "num_key_value_heads": 1,
+            "head_size": 4,
+            "hidden_size": 4,
+        },
     },
     "search": {"max_length": 64},
 }
@@ -69,10 +77,20 @@ def manifest_for(files: dict[str, bytes], **over: Any) -> dict[str, Any]:
         "created_at": "",
         "created_by": {},
         "source": {},
-        "model": {},
+        # True to the tiny model above, as the store checks (edgephi.runtime.memory.check_facts).
+        "model": {
+            "num_hidden_layers": 1,
+            "num_attention_heads": 1,
+            "num_key_value_heads": 1,
+            "head_size": 4,
+            "hidden_size": 4,
+        },
         "precision": "int4",
         "target": {"name": "cpu", "execution_provider": "cpu", "arch": "any"},
-        "memory": {},
+        "memory": {
+            "weights_bytes": sum(len(b) for p, b in files.items() if p.startswith("model.")),
+            "kv_bytes_per_token": 32,
+        },
         "requires": {"runtime": "0.1.0"},
         "chat_template": False,
         "signed_by": [],

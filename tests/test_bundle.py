@@ -7,7 +7,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from bundlekit import canonical, onnx_with_external_data
+from bundlekit import (
+    GENAI,
+    canonical,
+    onnx_with_external_data,
+)
 from edgephi.packager import finalize, writer
 from edgephi.runtime import bundle
 from edgephi.runtime.errors import (
@@ -19,10 +23,6 @@ from edgephi.runtime.errors import (
 )
 from edgephi.runtime.manifest import Manifest
 from edgephi.runtime.store import Store
-
-GENAI = {
-    "model": {"type": "llama", "decoder": {"filename": "model.onnx", "session_options": {"log_id": "x"}}}
-}
 
 
 def make_model_dir(root: Path) -> Path:
@@ -42,6 +42,8 @@ def make_manifest(model_dir: Path, **over: object) -> Manifest:
         "precision": "int4",
         "target": {"name": "cpu", "execution_provider": "cpu"},
         "files": tuple(finalize.file_entries(model_dir)),
+        "model": {"hidden_size": 4, "num_key_value_heads": 1, "head_size": 4, "num_hidden_layers": 1},
+        "memory": {"weights_bytes": 102400, "kv_bytes_per_token": 32},
     }
     fields.update(over)
     return Manifest(**fields)

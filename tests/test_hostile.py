@@ -306,6 +306,19 @@ CASES: dict[str, Craft] = {
     "external data not in bundle": external("weights.bin"),
     "external data of a model not named *.onnx": renamed_model("/etc/passwd"),
     "external data inside a local function": function_constant("../../etc/passwd"),
+    "manifest understates the model's width": signed(
+        default_files(),
+        model={
+            "num_hidden_layers": 1,
+            "num_attention_heads": 1,
+            "num_key_value_heads": 1,
+            "head_size": 4,
+            "hidden_size": 1,
+        },
+    ),
+    "manifest understates the KV cache": signed(
+        default_files(), memory={"weights_bytes": 0, "kv_bytes_per_token": 1}
+    ),
     "genai_config config entry naming a file": genai(
         session({"config_entries": {"ep.context_file_path": "/tmp/x"}})
     ),
@@ -375,6 +388,8 @@ REASONS = {
     "external data of a model not named *.onnx": "outside the bundle",
     "external data inside a local function": "outside the bundle",
     "genai_config config entry naming a file": "not an allowed onnxruntime config entry",
+    "manifest understates the model's width": "hidden_size 1 (genai_config.json: 4)",
+    "manifest understates the KV cache": "kv_bytes_per_token 1 (the shapes need 16+)",
     "genai_config loads a custom-op library": "would load code",
     "genai_config enables profiling": "would load code",
     "genai_config provider library path": "is a path",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import edge_run_peak
-from edgephi.runtime import load, memory
+from edgephi.runtime import bundle, load, memory
 from edgephi.runtime.chat import Conversation
 from edgephi.runtime.errors import ConfigError, InsufficientMemory
 from edgephi.runtime.loader import plan as plan_for
@@ -275,3 +276,21 @@ def test_a_fifty_turn_chat_stays_within_its_memory_plan(smollm2_bundle: Path) ->
     assert dropped >= 10  # the history overflowed the planned context many times
     assert reused >= 45  # and the cache served nearly every turn
     assert peak <= need <= budget, (peak, need)
+
+
+def test_the_plan_counts_the_weight_files_and_a_large_tokenizer_whatever_the_manifest_says(
+    smollm2_bundle: Path,
+) -> None:
+    """A manifest claiming no weights is planned from its (hashed) file list, and a big
+    tokenizer.json is counted, not left to the fixed overhead."""
+    real = bundle.open_bundle(smollm2_bundle).manifest
+    lying = dataclasses.replace(real, memory={**real.memory, "weights_bytes": 0})
+    assert (
+        memory.ModelShape.from_manifest(lying).weights_bytes
+        >= memory.ModelShape.from_manifest(real).weights_bytes
+    )
+    files = tuple(
+        dataclasses.replace(f, size=300 << 20) if f.path == "tokenizer.json" else f for f in real.files
+    )
+    big = memory.ModelShape.from_manifest(dataclasses.replace(real, files=files))
+    assert big.weights_bytes - memory.ModelShape.from_manifest(real).weights_bytes > 600 << 20
