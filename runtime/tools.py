@@ -24,6 +24,7 @@ character, as onnxruntime-genai's own tool examples do.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from typing import Any
 from edgephi.runtime.errors import ConfigError
 
 MAX_TOOLS = 64
+_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 
 
 @dataclass(frozen=True)
@@ -108,8 +110,11 @@ def parse_request(tools: Any, choice: Any) -> ToolRequest | None:
     for i, entry in enumerate(tools):
         fn = entry.get("function") if isinstance(entry, dict) and entry.get("type") == "function" else None
         name = fn.get("name") if isinstance(fn, dict) else None
-        if not isinstance(name, str) or not name or not name.replace("_", "a").replace("-", "a").isalnum():
-            raise ConfigError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': …}}}}")
+        if not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name):
+            raise ConfigError(
+                f"tools[{i}] must be {{'type': 'function', 'function': {{'name': …}}}}, "
+                "the name 1 to 64 letters, digits, '_' or '-'"
+            )
         params = fn.get("parameters") or {"type": "object", "properties": {}}  # type: ignore[union-attr]
         description = fn.get("description") or ""  # type: ignore[union-attr]
         if not isinstance(params, dict) or not isinstance(description, str):
@@ -184,6 +189,8 @@ def prompt_messages(
     """The messages to render with ``tools`` offered, and the ``tools`` JSON the template
     takes (``None`` when they travel inside the messages)."""
     out = chat_messages(messages, fmt, native)
+    if not tools:  # earlier calls and their results, and nothing to call now
+        return out, None
     listing = [t.to_openai() for t in tools]
     if native and fmt is not PHI4:
         return out, json.dumps(listing)

@@ -124,6 +124,7 @@ def test_a_streamed_call_is_one_tool_calls_delta(client: openai.OpenAI) -> None:
     ("body", "message"),
     [
         ({"tools": [{"type": "function"}]}, "tools[0] must be"),
+        ({"tools": [{"type": "function", "function": {"name": "rm -rf /"}}]}, "1 to 64 letters, digits"),
         ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "x"}}}, "names 'x'"),
         ({"tools": [WEATHER, WEATHER]}, "names a function twice"),
         ({"tool_choice": "required"}, "'tool_choice' needs 'tools'"),
@@ -251,3 +252,20 @@ def test_a_random_model_still_returns_a_valid_call_over_the_server(qwen: Engine)
         assert choice.finish_reason == "tool_calls", choice.message.content
         [call] = choice.message.tool_calls  # type: ignore[misc]
         assert call.function.name == "get_weather" and set(json.loads(call.function.arguments)) == {"city"}
+
+
+def test_earlier_calls_render_without_tools_on_offer(smol: Engine) -> None:
+    """tool_choice "none" after a call: the history shows the call and its result, in the
+    model's format, and no tool note invites another."""
+    call = {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+    }
+    turns = [*ASK, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    turns.append({"role": "tool", "tool_call_id": "c1", "content": "12 C, rain"})
+    prompt = smol.format_prompt(turns)
+    said = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
+    assert f"<|im_start|>assistant\n<tool_call>\n{said}\n</tool_call><|im_end|>" in prompt
+    assert "<tool_response>\n12 C, rain\n</tool_response>" in prompt
+    assert "You may call" not in prompt
