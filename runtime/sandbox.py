@@ -37,8 +37,9 @@ EXITED = 70  # the child called exit() from native code (libjpeg's fatal error h
 
 def deadline_for(pixels: int) -> float:
     """Seconds a child may take over ``pixels``: a 67-megapixel photo takes seconds on a
-    Raspberry Pi, so this is ample, and a child that hangs is found in a minute or so."""
-    return 30.0 + 4.0 * pixels / 1e6
+    Raspberry Pi (and an emulated one is ten times slower), so this is ample, and a child
+    that hangs is found in two minutes or so rather than five."""
+    return 120.0 + 4.0 * pixels / 1e6
 
 
 class ChildDied(Exception):
