@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import json
 import os
@@ -185,24 +184,23 @@ class TrustStore:
     def files(self) -> list[Path]:
         return sorted(self.folder.glob("*.pub")) if self.folder.is_dir() else []
 
+    def _load(self) -> list[tuple[Path, PublicKey | KeyFileError]]:
+        """Each key file, and its key or why it does not load."""
+        out: list[tuple[Path, PublicKey | KeyFileError]] = []
+        for path in self.files():
+            try:
+                out.append((path, load_public_key(path)))
+            except KeyFileError as exc:
+                out.append((path, exc))
+        return out
+
     def keys(self) -> dict[str, PublicKey]:
         """The keys that load; a file that does not is left out (``unreadable`` names it)."""
-        out: dict[str, PublicKey] = {}
-        for path in self.files():
-            with contextlib.suppress(KeyFileError):
-                key = load_public_key(path)
-                out[key.key_id] = key
-        return out
+        return {key.key_id: key for _, key in self._load() if isinstance(key, PublicKey)}
 
     def unreadable(self) -> list[str]:
         """``path: why`` for each key file that does not load."""
-        out = []
-        for path in self.files():
-            try:
-                load_public_key(path)
-            except KeyFileError as exc:
-                out.append(str(exc))
-        return out
+        return [str(key) for _, key in self._load() if isinstance(key, KeyFileError)]
 
     @property
     def active(self) -> bool:
@@ -214,8 +212,8 @@ class TrustStore:
         """Stop trusting a key: by key id, or by its file's name (a damaged file has no id)."""
         doomed = [
             path
-            for path in self.files()
-            if path.name in (which, f"{which}.pub") or self.keys_in(path) == which
+            for path, key in self._load()
+            if path.name in (which, f"{which}.pub") or (isinstance(key, PublicKey) and key.key_id == which)
         ]
         if not doomed:
             raise KeyFileError(
@@ -224,13 +222,6 @@ class TrustStore:
         for path in doomed:
             path.unlink()
         return doomed
-
-    @staticmethod
-    def keys_in(path: Path) -> str | None:
-        try:
-            return load_public_key(path).key_id
-        except KeyFileError:
-            return None
 
     def add(self, public_key_file: Path) -> PublicKey:
         key = load_public_key(public_key_file)

@@ -124,7 +124,8 @@ def fetch_index(channel_url: str, store: Store) -> channel.ChannelIndex:
             f"device accepted ({seen}): a replay, or a mirror that is behind",
             hint="nothing was changed; try again later, or ask the publisher to re-publish",
         )
-    store.see_channel(channel_url, index.issued_at)
+    if seen != index.issued_at:
+        store.see_channel(channel_url, index.issued_at)
     return index
 
 

@@ -35,16 +35,24 @@ GENAI: dict[str, Any] = {
 }
 
 
+def external_tensor(name: str, location: str) -> Any:
+    """A 4-float ``TensorProto`` whose data lives in external data at ``location``."""
+    from onnx import TensorProto
+
+    tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=[4])
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "16")):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
 def onnx_with_external_data(location: str) -> bytes:
     """A small real ONNX model whose one initializer lives in external data at ``location``."""
     import onnx
     from onnx import TensorProto, helper
 
-    weight = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[4])
-    weight.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", "0"), ("length", "16")):
-        entry = weight.external_data.add()
-        entry.key, entry.value = key, value
+    weight = external_tensor("w", location)
     graph = helper.make_graph(
         [helper.make_node("Add", ["x", "w"], ["y"])],
         "g",

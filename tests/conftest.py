@@ -7,11 +7,14 @@ code that builds them is what is under test.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,6 +28,7 @@ from edgephi import targets  # noqa: E402
 from edgephi.packager.config import BuildConfig  # noqa: E402
 from edgephi.runtime import load  # noqa: E402
 from edgephi.runtime.engine import Engine  # noqa: E402
+from edgephi.runtime.server import ModelServer, ServerConfig  # noqa: E402
 from edgephi.runtime.store import Store  # noqa: E402
 
 
@@ -69,6 +73,19 @@ def edge_run_peak(*args: str, env: dict[str, str] | None = None, timeout: int = 
     )
     code, peak = (int(x) for x in out.stdout.split())
     return code, peak, out.stderr
+
+
+@contextlib.contextmanager
+def serving(engine: Engine, **config: Any) -> Iterator[ModelServer]:
+    """``engine`` served on a free port on a thread of this process, until the block ends."""
+    srv = ModelServer(engine, ServerConfig(model_name=engine.model_name, port=0, **config))
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        thread.join(timeout=30)
 
 
 def start_serve(*args: str) -> tuple[subprocess.Popen[str], str]:

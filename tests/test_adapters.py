@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-import threading
 import urllib.request
 from pathlib import Path
 
 import pytest
 import tiny
+from conftest import serving
 from edgephi.packager.cli import app as pack_app
 from edgephi.runtime import load
 from edgephi.runtime.engine import Engine
 from edgephi.runtime.errors import ConfigError
 from edgephi.runtime.options import GenerationOptions
-from edgephi.runtime.server import ModelServer, ServerConfig
 from edgephi.runtime.session import ADAPTER_NOTE
 from edgephi.runtime.store import Store
 from typer.testing import CliRunner
@@ -87,10 +86,7 @@ def test_an_unknown_adapter_is_named(engine: Engine) -> None:
 
 
 def test_the_server_switches_adapters_per_request(engine: Engine) -> None:
-    server = ModelServer(engine, ServerConfig(model_name=engine.model_name, port=0))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(engine) as server:
 
         def ask(adapter: str | None) -> str:
             body = {"messages": HI, "max_tokens": 12, "temperature": 0}
@@ -107,9 +103,6 @@ def test_the_server_switches_adapters_per_request(engine: Engine) -> None:
         assert ask("pirate") == engine.generate(HI, greedy("pirate")).text
         assert ask(None) == engine.generate(HI, greedy()).text
         assert ask("formal") != ask("pirate")
-    finally:
-        server.shutdown()
-        thread.join(timeout=30)
 
 
 def test_bad_adapter_specs_are_refused(tmp_path: Path) -> None:

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import openai
 import pytest
+from conftest import serving
 from edgephi.runtime import load
 from edgephi.runtime.chat import Conversation
 from edgephi.runtime.engine import Engine
 from edgephi.runtime.options import GenerationOptions
-from edgephi.runtime.server import ModelServer, ServerConfig
+from edgephi.runtime.server import ModelServer
 from edgephi.runtime.session import Session
 from edgephi.runtime.store import Store
 
@@ -209,13 +209,8 @@ def test_overflow_drops_half_the_history_and_keeps_the_system_prompt_cached(phi3
 
 @pytest.fixture(scope="module")
 def served(smol: Engine) -> Iterator[tuple[ModelServer, openai.OpenAI]]:
-    server = ModelServer(smol, ServerConfig(model_name=smol.model_name, port=0, slots=2))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-    yield server, client
-    server.shutdown()
-    thread.join(timeout=30)
+    with serving(smol, slots=2) as server:
+        yield server, openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def test_server_slots_reuse_resent_history_and_answer_as_fresh(

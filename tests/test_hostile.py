@@ -21,6 +21,7 @@ from bundlekit import (
     canonical,
     craft,
     default_files,
+    external_tensor,
     good_bundle,
     manifest_for,
     members_for,
@@ -188,11 +189,7 @@ def function_constant(location: str) -> Craft:
     """A model whose local function holds a Constant tensor in external data at ``location``."""
     from onnx import TensorProto, helper
 
-    value = TensorProto(name="c", data_type=TensorProto.FLOAT, dims=[4])
-    value.data_location = TensorProto.EXTERNAL
-    for key, val in (("location", location), ("offset", "0"), ("length", "16")):
-        entry = value.external_data.add()
-        entry.key, entry.value = key, val
+    value = external_tensor("c", location)
     fn = helper.make_function(
         "local",
         "AddConst",

@@ -9,30 +9,23 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
 import pytest
-from conftest import start_serve
+from conftest import serving, start_serve
 from edgephi.runtime import load
-from edgephi.runtime.server import ModelServer, ServerConfig
+from edgephi.runtime.server import ModelServer
 from edgephi.runtime.store import Store
 
 
 @pytest.fixture(scope="module")
 def server(smollm2_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServer]:
     engine = load(smollm2_bundle, store=Store(tmp_path_factory.mktemp("srv-store")))
-    srv = ModelServer(
-        engine, ServerConfig(model_name=engine.model_name, port=0, max_queue=2, max_body=64 << 10)
-    )
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    thread.join(timeout=30)
+    with serving(engine, max_queue=2, max_body=64 << 10) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -328,10 +321,7 @@ def test_a_web_page_cannot_use_the_server(server: ModelServer) -> None:
 
 def test_an_api_key_is_required_when_set(server: ModelServer) -> None:
     engine = server.engine  # a second server on the same model, asked one at a time
-    srv = ModelServer(engine, ServerConfig(model_name=engine.model_name, port=0, api_key="s3cret-key"))
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(engine, api_key="s3cret-key") as srv:
         ask = {
             "model": "smollm2-135m-instruct",
             "messages": [{"role": "user", "content": "Hi"}],
@@ -346,9 +336,6 @@ def test_an_api_key_is_required_when_set(server: ModelServer) -> None:
         good = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret-key", max_retries=0)
         assert good.chat.completions.create(**ask).choices[0].message.content
         assert raw(srv, "GET", "/health")[0] == 200  # probes need no key
-    finally:
-        srv.shutdown()
-        thread.join(timeout=30)
 
 
 def test_listening_beyond_loopback_needs_a_key(smollm2_bundle: Path) -> None:

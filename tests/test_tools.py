@@ -8,18 +8,17 @@ of ours; a tiny Qwen2.5 carrying Qwen2.5-Instruct's own template shows the templ
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
 import tiny
-from conftest import build_bundle
+from conftest import build_bundle, serving
 from edgephi.runtime import load, tools
 from edgephi.runtime.engine import Engine
 from edgephi.runtime.options import GenerationOptions
-from edgephi.runtime.server import ModelServer, ServerConfig
+from edgephi.runtime.server import ModelServer
 from edgephi.runtime.store import Store
 from test_server import raw
 
@@ -45,23 +44,29 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 QWEN25_TEMPLATE = Path(__file__).parent / "templates" / "qwen2.5-instruct.jinja"
 
 
-def serving(engine: Engine) -> Iterator[ModelServer]:
-    srv = ModelServer(engine, ServerConfig(model_name=engine.model_name, port=0, log_requests=False))
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    thread.join(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def server(smol: Engine) -> Iterator[ModelServer]:
-    yield from serving(smol)
+    with serving(smol, log_requests=False) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server: ModelServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def called(city: str, result: str) -> list[dict]:  # type: ignore[type-arg]
+    """ASK, an assistant turn that called get_weather(city), and the tool's ``result``."""
+    call = {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": json.dumps({"city": city})},
+    }
+    return [
+        *ASK,
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": result},
+    ]
 
 
 def ask(client: openai.OpenAI, messages: list, **kw: object):  # type: ignore[no-untyped-def,type-arg]
@@ -218,13 +223,7 @@ def test_a_template_that_renders_tools_is_used_for_them(qwen: Engine) -> None:
     assert qwen.tool_format == (tools.HERMES, True)
     request = tools.parse_request([WEATHER], "required")
     assert request is not None
-    call = {
-        "id": "call_1",
-        "type": "function",
-        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
-    }
-    turns = [*ASK, {"role": "assistant", "content": "", "tool_calls": [call]}]
-    turns.append({"role": "tool", "tool_call_id": "call_1", "content": '{"temperature_c": 21}'})
+    turns = called("Paris", '{"temperature_c": 21}')
     prompt = qwen.format_prompt(turns, request.tools)
     # Qwen2.5's own words: the tools in <tools>, the call as it writes one, the result as a user turn.
     assert "# Tools" in prompt and json.dumps(WEATHER) in prompt
@@ -238,7 +237,7 @@ def test_a_random_model_still_returns_a_valid_call_over_the_server(qwen: Engine)
     """Random weights, and the grammar alone makes the answer a call the client can use."""
     short = json.loads(json.dumps(WEATHER))
     short["function"]["parameters"]["properties"]["city"]["maxLength"] = 12  # random text is long
-    for srv in serving(qwen):
+    with serving(qwen, log_requests=False) as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
         reply = client.chat.completions.create(
             model="qwen-tools",
@@ -257,14 +256,7 @@ def test_a_random_model_still_returns_a_valid_call_over_the_server(qwen: Engine)
 def test_earlier_calls_render_without_tools_on_offer(smol: Engine) -> None:
     """tool_choice "none" after a call: the history shows the call and its result, in the
     model's format, and no tool note invites another."""
-    call = {
-        "id": "c1",
-        "type": "function",
-        "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
-    }
-    turns = [*ASK, {"role": "assistant", "content": "", "tool_calls": [call]}]
-    turns.append({"role": "tool", "tool_call_id": "c1", "content": "12 C, rain"})
-    prompt = smol.format_prompt(turns)
+    prompt = smol.format_prompt(called("Oslo", "12 C, rain"))
     said = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
     assert f"<|im_start|>assistant\n<tool_call>\n{said}\n</tool_call><|im_end|>" in prompt
     assert "<tool_response>\n12 C, rain\n</tool_response>" in prompt

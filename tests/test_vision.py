@@ -14,7 +14,6 @@ import io
 import json
 import struct
 import subprocess
-import threading
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -24,14 +23,14 @@ import numpy as np
 import openai
 import pytest
 import tiny
-from conftest import build_bundle
+from conftest import build_bundle, serving
 from edgephi.runtime import images, load, memory
 from edgephi.runtime.chat import Conversation
 from edgephi.runtime.engine import Engine
 from edgephi.runtime.errors import BadImage, BuildError, ConfigError, ContextOverflow
 from edgephi.runtime.manifest import Manifest
 from edgephi.runtime.options import GenerationOptions
-from edgephi.runtime.server import ModelServer, ServerConfig
+from edgephi.runtime.server import ModelServer
 from edgephi.runtime.session import VISION_NOTE
 from edgephi.runtime.store import Store
 from edgephi.targets import Precision
@@ -495,12 +494,8 @@ def test_a_text_model_refuses_pictures(phi3_bundle: Path, store: Store) -> None:
 def server(engine: Engine) -> Iterator[ModelServer]:
     from edgephi.runtime.server import VISION_MAX_BODY
 
-    srv = ModelServer(engine, ServerConfig(model_name=engine.model_name, port=0, max_body=VISION_MAX_BODY))
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    thread.join(timeout=30)
+    with serving(engine, max_body=VISION_MAX_BODY) as srv:
+        yield srv
 
 
 def data_url(data: bytes, mime: str = "image/png") -> str:
