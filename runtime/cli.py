@@ -84,7 +84,7 @@ def _load(
 ) -> Engine:
     engine = loader.load(
         bundle,
-        store=Store(store) if store else None,
+        store=Store(store),
         threads=threads,
         context=context,
         memory_budget=memory.parse_size(memory_budget) if memory_budget else None,
@@ -189,7 +189,7 @@ def run(
             context=context,
             memory_budget=budget,
             insecure_skip_verify=insecure_skip_verify,
-            store=Store(store) if store else None,
+            store=Store(store),
         )
         from edgephi.runtime.device import cpu_info
 
@@ -210,7 +210,7 @@ def run(
         single = Conversation(engine, system=system, session=Session(engine, one_shot=True))
         printer(single, prompt, options, stats, pictures)
         return
-    history = (Store(store) if store else Store()).root / "chat_history"
+    history = Store(store).root / "chat_history"
     _chat(Conversation(engine, system=system), options, stats, printer, pictures, ChatLine(history))
 
 
@@ -380,7 +380,7 @@ def list_models(
     store: StoreOpt = None,
 ) -> None:
     """List the installed models; * marks the version `edge-run NAME` runs."""
-    the_store = Store(store) if store else Store()
+    the_store = Store(store)
     rows: list[dict[str, Any]] = []
     for m in the_store.installed():
         current = the_store.current(m.manifest.name)
@@ -419,7 +419,7 @@ def remove(
 ) -> None:
     """Remove an installed model, or one version of it that is not the current one."""
     name, _, version = model.partition(":")
-    the_store = Store(store) if store else Store()
+    the_store = Store(store)
     removed = the_store.remove(name, version or None)
     if not removed:
         raise BundleNotFound(f"{model} is not installed", hint="`edge-run list` shows what is")
@@ -434,7 +434,7 @@ def verify_cmd(
 ) -> None:
     """Re-hash an installed model's files; a damaged copy is set aside so it cannot run."""
     name, _, version = model.partition(":")
-    the_store = Store(store) if store else Store()
+    the_store = Store(store)
     found = the_store.find(name, version or None)
     if found is None:
         raise BundleNotFound(f"{model} is not installed", hint="`edge-run list` shows what is")
@@ -459,7 +459,7 @@ def prune_cmd(
     store: StoreOpt = None,
 ) -> None:
     """Remove old installs: never the current or previous version, nor one a running edge-run uses."""
-    the_store = Store(store) if store else Store()
+    the_store = Store(store)
     names = [model] if model else sorted({m.manifest.name for m in the_store.installed()})
     freed = 0
     for name in names:
@@ -480,7 +480,7 @@ def trust_add(
     store: StoreOpt = None,
 ) -> None:
     """Trust a publisher key; from then on only bundles signed by a trusted key run."""
-    trust = (Store(store) if store else Store()).trust
+    trust = Store(store).trust
     added = trust.add(key)
     print(f"trusted key {added.key_id} ({trust.folder}); unsigned bundles are now refused")
 
@@ -491,7 +491,7 @@ def trust_remove(
     store: StoreOpt = None,
 ) -> None:
     """Stop trusting a publisher key (a revoked or rotated one)."""
-    trust = (Store(store) if store else Store()).trust
+    trust = Store(store).trust
     removed = trust.remove(key)
     print(f"removed {', '.join(p.name for p in removed)} from {trust.folder}")
     if not trust.active:
@@ -501,7 +501,7 @@ def trust_remove(
 @trust_app.command("list")
 def trust_list(store: StoreOpt = None) -> None:
     """List the trusted publisher keys."""
-    trust = (Store(store) if store else Store()).trust
+    trust = Store(store).trust
     keys = trust.keys()
     for problem in trust.unreadable():
         console.info(f"warning: {problem}; that key is not trusted (remove or replace the file)")
@@ -529,12 +529,10 @@ def update_cmd(
     if retry:
         if model is None:
             raise ConfigError("--retry needs the MODEL whose rolled-back versions to take again")
-        cleared = (Store(store) if store else Store()).clear_rejected(model)
+        cleared = Store(store).clear_rejected(model)
         if cleared:
             console.info(f"({model}: {', '.join(sorted(cleared))} may be installed again)")
-    results = updater.update(
-        channel_url, model, store=Store(store) if store else None, check_only=check, say=console.info
-    )
+    results = updater.update(channel_url, model, store=Store(store), check_only=check, say=console.info)
     for result in results:
         print(result.line())
 
@@ -547,7 +545,7 @@ def rollback_cmd(
     """Make the previous version of a model current again."""
     from edgephi.runtime import updater
 
-    restored = updater.rollback(model, Store(store) if store else None)
+    restored = updater.rollback(model, Store(store))
     print(
         f"{model}: rolled back to {restored.manifest.version}; updates skip the version rolled back "
         f"from until a newer one is published (`edge-run update CHANNEL {model} --retry` takes it again)"
@@ -561,7 +559,7 @@ def hold_cmd(
     store: StoreOpt = None,
 ) -> None:
     """Keep a model at its current version whatever its channel offers (for fleets that must not move)."""
-    the_store = Store(store) if store else Store()
+    the_store = Store(store)
     current = the_store.current(model)
     if current is None:
         raise BundleNotFound(f"{model} is not installed", hint="`edge-run list` shows what is")
@@ -634,7 +632,7 @@ def serve(
             context=context,
             memory_budget=memory.parse_size(memory_budget) if memory_budget else None,
             insecure_skip_verify=insecure_skip_verify,
-            store=Store(store) if store else None,
+            store=Store(store),
         )
         holds = planned.kv_caches(slots)
         if slots > holds:
