@@ -521,10 +521,19 @@ def update_cmd(
     retry: Annotated[
         bool, typer.Option("--retry", help="Take again the versions of MODEL rolled back on this device.")
     ] = False,
+    deadline: Annotated[
+        float,
+        typer.Option(
+            "--deadline",
+            min=1,
+            help="Seconds all downloads may take; past it (or under 1 KB/s for 30 s) the update "
+            "stops and the next one resumes.",
+        ),
+    ] = 3600,
     store: StoreOpt = None,
 ) -> None:
     """Update models from a signed channel: verify, download with resume, health-check, switch."""
-    from edgephi.runtime import updater
+    from edgephi.runtime import download, updater
 
     if retry:
         if model is None:
@@ -532,7 +541,10 @@ def update_cmd(
         cleared = Store(store).clear_rejected(model)
         if cleared:
             console.info(f"({model}: {', '.join(sorted(cleared))} may be installed again)")
-    results = updater.update(channel_url, model, store=Store(store), check_only=check, say=console.info)
+    pace = download.Pace(deadline=deadline)
+    results = updater.update(
+        channel_url, model, store=Store(store), check_only=check, say=console.info, pace=pace
+    )
     for result in results:
         print(result.line())
 

@@ -7,6 +7,11 @@ answers 206 gets the rest appended; one that ignores Range, or whose file change
 200 and the download restarts from zero. The finished file's size and sha256 must match
 what the signed index or manifest promised before it is renamed to ``dest``.
 
+A link that stalls or dribbles is given up (the ``.part`` kept for the next try): each
+read waits at most ``TIMEOUT_S``, each ``Pace.window`` must bring ``Pace.min_rate`` bytes a
+second on average, and a whole update has ``Pace.deadline`` seconds — so a hostile or
+broken server cannot hold the update lock for long.
+
 ``http(s)://`` and ``file://`` URLs work, and so does a plain folder path (a USB stick).
 """
 
@@ -16,10 +21,12 @@ import contextlib
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from edgephi.runtime.errors import DownloadError, IntegrityError
@@ -28,6 +35,22 @@ from edgephi.runtime.fsutil import sha256_file
 _CHUNK = 1 << 16
 TIMEOUT_S = 60
 Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How slow an update's downloads may be before they are given up."""
+
+    min_rate: int = 1024  # bytes a second, averaged over each window
+    window: float = 30.0  # seconds
+    deadline: float = 3600.0  # seconds for all the downloads of one update
+
+    def clock(self) -> float:
+        """The monotonic time by which downloads started now must be done."""
+        return time.monotonic() + self.deadline
+
+
+DEFAULT_PACE = Pace()
 
 
 def join(base: str, rel: str) -> str:
@@ -48,17 +71,53 @@ def _open(url: str, headers: dict[str, str] | None = None):  # type: ignore[no-u
         raise DownloadError(f"cannot fetch {url}: {reason}") from None
 
 
-def fetch_bytes(url: str, limit: int) -> bytes:
+class _Meter:
+    """Counts a download's bytes against its ``Pace``; raises ``DownloadError`` when too slow."""
+
+    def __init__(self, url: str, pace: Pace, until: float) -> None:
+        self.url, self.pace, self.until = url, pace, until
+        self.window_start, self.window_bytes = time.monotonic(), 0
+
+    def add(self, count: int, kept: str = "nothing kept") -> None:
+        now, pace = time.monotonic(), self.pace
+        self.window_bytes += count
+        if now > self.until:
+            raise DownloadError(
+                f"the update ran past its deadline of {pace.deadline:.0f} s during {self.url} ({kept})"
+            )
+        elapsed = now - self.window_start
+        if elapsed >= pace.window:
+            if self.window_bytes < pace.min_rate * elapsed:
+                raise DownloadError(
+                    f"the download of {self.url} is too slow: {self.window_bytes} bytes in the last "
+                    f"{elapsed:.0f} s, under {pace.min_rate} bytes/s ({kept})"
+                )
+            self.window_start, self.window_bytes = now, 0
+
+
+def fetch_bytes(url: str, limit: int, pace: Pace = DEFAULT_PACE, until: float | None = None) -> bytes:
+    meter = _Meter(url, pace, pace.clock() if until is None else until)
+    data = bytearray()
     with _open(url) as resp:
-        data = resp.read(limit + 1)
+        while len(data) <= limit:
+            try:
+                chunk = resp.read1(limit + 1 - len(data))
+            except OSError as exc:
+                raise DownloadError(f"download of {url} broke off: {exc}") from None
+            if not chunk:
+                break
+            data += chunk
+            meter.add(len(chunk))
     if len(data) > limit:
         raise DownloadError(f"{url} is larger than the {limit} bytes allowed")
     return bytes(data)
 
 
-def fetch_optional(url: str, limit: int) -> bytes | None:
+def fetch_optional(
+    url: str, limit: int, pace: Pace = DEFAULT_PACE, until: float | None = None
+) -> bytes | None:
     try:
-        return fetch_bytes(url, limit)
+        return fetch_bytes(url, limit, pace, until)
     except DownloadError:
         return None
 
@@ -70,8 +129,15 @@ def fetch_file(
     sha256: str,
     progress: Progress | None = None,
     on_chunk: Callable[[], None] | None = None,
+    pace: Pace = DEFAULT_PACE,
+    until: float | None = None,
 ) -> int:
-    """Download ``url`` to ``dest`` (resuming a ``.part``); return the bytes transferred now."""
+    """Download ``url`` to ``dest`` (resuming a ``.part``); return the bytes transferred now.
+
+    ``until`` (a ``time.monotonic()`` value, default ``pace.clock()`` now) ends the download
+    with ``DownloadError`` when passed, as does a window slower than ``pace.min_rate``.
+    """
+    until = pace.clock() if until is None else until
     part = dest.with_name(dest.name + ".part")
     meta = dest.with_name(dest.name + ".part.meta")
     have = part.stat().st_size if part.exists() else 0
@@ -92,10 +158,12 @@ def fetch_file(
         new_validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
         if new_validator:
             meta.write_text(json.dumps({"validator": new_validator}))
+        meter = _Meter(url, pace, until)
         with open(part, mode) as out:
             while True:
                 try:
-                    chunk = resp.read(_CHUNK)
+                    # read1: what has arrived (one receive), so a dribble is seen as one.
+                    chunk = resp.read1(_CHUNK)
                 except OSError as exc:
                     raise DownloadError(f"download of {url} broke off: {exc}") from None
                 if not chunk:
@@ -109,6 +177,7 @@ def fetch_file(
                 if on_chunk:
                     out.flush()
                     on_chunk()
+                meter.add(len(chunk), f"{have + transferred} of {size} bytes kept for the next try")
             out.flush()
             os.fsync(out.fileno())
     if have + transferred < size:

@@ -18,16 +18,18 @@ tensors feed the image encoder, the embedding model and the decoder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgephi.runtime import sandbox, tools
-from edgephi.runtime.errors import BadImage, ConfigError, ContextOverflow, GenerationError
+from edgephi.runtime.errors import BadImage, ConfigError, ContextOverflow, GenerationError, TemplateError
 from edgephi.runtime.genai import default_threads, og, open_model
 from edgephi.runtime.images import Image, load_image
 from edgephi.runtime.options import GenerationOptions
@@ -46,6 +48,10 @@ PHI3_ROPE_SWITCH = 4096
 # og's Phi-3-vision processor finds image k of a prompt by this tag and replaces it with
 # the image's features; the tags must number the images given, 1..n, each once.
 IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
+# A chat template renders in a forked child with these limits (``_render``). Real templates
+# take milliseconds and kilobytes; a prompt is at most a context of text.
+TEMPLATE_DEADLINE_S = 5.0
+TEMPLATE_MEMORY = 256 << 20
 
 
 def image_tag(k: int) -> str:
@@ -180,6 +186,11 @@ class Engine:
         # Set by the loader for a model in the store: the lock `edge-run rm` and `prune` see.
         self.in_use: Any = None
         self.session = Session(self)  # the KV cache that stream() and generate() reuse
+        # Chat templates render in a child forked now, while it shares little but the weights.
+        self._templates: sandbox.Worker | None = None
+        if chat_template and sandbox.available():
+            self._templates = sandbox.Worker(self._render_job, memory=TEMPLATE_MEMORY)
+            weakref.finalize(self, self._templates.close)
 
     # --- prompts ------------------------------------------------------------------------
 
@@ -209,15 +220,39 @@ class Engine:
             prompt = self._render(_fold_system(messages), listing)
         return prompt
 
+    def _render_job(self, job: bytes) -> bytes:
+        """og renders the template: ``job`` is JSON ``{"messages", "tools"}``, the result UTF-8."""
+        request = json.loads(job)
+        prompt = self._tokenizer.apply_chat_template(
+            request["messages"], tools=request["tools"], add_generation_prompt=True
+        )
+        return str(prompt).encode("utf-8", "surrogatepass")
+
     def _render(self, messages: Sequence[Message], listing: str | None = None) -> str:
+        """og renders the bundle's template, in the sandbox: a template is code from the
+        bundle, and og runs it with no limit on depth, time or memory. The template worker
+        takes it; once a template has crashed or hung that worker, a one-shot child does."""
+        job = json.dumps({"messages": json.dumps(list(messages)), "tools": listing}).encode()
         try:
-            return str(
-                self._tokenizer.apply_chat_template(
-                    json.dumps(list(messages)), tools=listing, add_generation_prompt=True
-                )
+            if self._templates is not None and self._templates.alive:
+                with contextlib.suppress(sandbox.ChildDied):  # tried once more, in a fresh child
+                    return self._templates.run(job, TEMPLATE_DEADLINE_S).decode("utf-8", "surrogatepass")
+            if not sandbox.available():
+                return self._render_job(job).decode("utf-8", "surrogatepass")
+            out = sandbox.run_forked(
+                lambda: self._render_job(job), TEMPLATE_DEADLINE_S, tries=1, memory=TEMPLATE_MEMORY
             )
-        except Exception as exc:
-            raise GenerationError(f"the model's chat template failed on these messages: {exc}") from None
+            return out.decode("utf-8", "surrogatepass")
+        except Exception as exc:  # og's own error, raised in the child or here
+            # og quotes the template around the failing spot over many lines: the first says it.
+            reason = (str(exc).strip().splitlines() or ["no reason given"])[0]
+            if isinstance(exc, sandbox.ChildDied) or "bad_alloc" in reason:
+                reason = "it ran out of its memory allowance" if "bad_alloc" in reason else str(exc)
+                raise TemplateError(
+                    f"the model's chat template was stopped ({reason}): "
+                    f"it must render within {TEMPLATE_DEADLINE_S:.0f} s and {TEMPLATE_MEMORY >> 20} MiB"
+                ) from None
+            raise GenerationError(f"the model's chat template failed on these messages: {reason}") from None
 
     def count_tokens(self, text: str) -> int:
         return len(self._tokenizer.encode(text))
@@ -316,14 +351,15 @@ class Engine:
         def process() -> Any:
             return self._processor(prompt, images=genai.Images.open_bytes(*(i.data for i in images)))
 
-        def work() -> dict[str, Any]:
+        def work() -> bytes:
             inputs = process()
-            return {k: inputs[k].as_numpy() for k in inputs.keys()}  # noqa: SIM118 - not a mapping
+            return sandbox.pack_arrays({k: inputs[k].as_numpy() for k in inputs.keys()})  # noqa: SIM118
 
         try:
             if not sandbox.available():
                 return process()
-            arrays = sandbox.run_forked(work, sandbox.deadline_for(sum(i.width * i.height for i in images)))
+            pixels = sum(i.width * i.height for i in images)
+            arrays = sandbox.unpack_arrays(sandbox.run_forked(work, sandbox.deadline_for(pixels)))
         except sandbox.ChildDied as exc:
             raise BadImage(f"{names} could not be decoded ({exc}): the file is corrupt") from None
         except Exception as exc:  # og's own error, raised in the child or here

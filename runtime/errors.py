@@ -188,6 +188,12 @@ class GenerationError(EdgeError, RuntimeError):
     hint = "rebuild the bundle, or report the message above"
 
 
+class TemplateError(GenerationError):
+    """The bundle's chat template crashed, ran past its deadline or its memory allowance."""
+
+    hint = "the bundle's chat template is broken or hostile: rebuild the bundle with a working one"
+
+
 class InsufficientMemory(GenerationError, MemoryError):
     """The model does not fit the memory budget with a useful context."""
 

@@ -1,15 +1,19 @@
 """Run native code that may kill the process in a forked child, and take back its result.
 
-onnxruntime-genai's image decoder (libjpeg inside onnxruntime-extensions) answers some
+Two things the engine hands to onnxruntime-genai come from outside and can take the whole
+process down. og's image decoder (libjpeg inside onnxruntime-extensions) answers some
 corrupt JPEGs — a marker in the middle of the image data — with libjpeg's default fatal
-error handler, ``exit(1)``, not an exception: a server would die of one bad upload. So
-the engine decodes pictures in a ``fork()`` of itself: the child shares the loaded model
-copy-on-write, runs og's processor, writes the arrays to a pipe and exits; a child that
-dies instead becomes one clear error. The parent never decodes a picture itself.
+error handler, ``exit(1)``, not an exception: a server would die of one bad upload. And
+og renders a bundle's chat template with no limits: a macro that calls itself overflows
+the C stack (SIGSEGV), nested loops run for ever holding the GIL, others allocate
+gigabytes. So the engine does both in a ``fork()`` of itself: the child shares the loaded
+model copy-on-write, runs og's code, writes the result to a pipe and exits; a child that
+dies, passes its deadline or its memory cap instead becomes one clear error, and the
+parent — which waits in ``select`` without the GIL — keeps answering meanwhile.
 
-``fork`` is safe here because the engine runs one generation at a time: no other thread
-is inside onnxruntime while the child is made, and the child calls only the processor
-(image decoding and resizing on the calling thread) before ``os._exit``. What a child of a
+``fork`` is safe here because the child calls only og's processor or tokenizer (work on
+the calling thread) before ``os._exit``, whatever other threads of the parent were doing
+(glibc makes ``malloc`` whole again in a child). What a child of a
 threaded process must not do, it does not: it never runs the garbage collector (a finalizer
 of some unrelated onnxruntime object would wait on threads the child does not have), and
 the exit hook it needs is made in the parent, so the child neither ``dlopen``s nor builds a
@@ -20,12 +24,15 @@ after a deadline sized to its picture and tried once more before the picture is 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gc
 import io
 import json
 import os
 import select
 import signal
+import threading
 import time
 from collections.abc import Callable
 from functools import cache
@@ -74,18 +81,21 @@ def _exit_hook() -> tuple[Any, Any] | None:
     return register, ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _arg: os._exit(EXITED))
 
 
-def run_forked(work: Callable[[], Arrays], timeout: float, tries: int = 2) -> Arrays:
-    """``work()`` in a child process; its named arrays, or ``ChildFailed``/``ChildDied``.
+def run_forked(work: Callable[[], bytes], timeout: float, tries: int = 2, memory: int | None = None) -> bytes:
+    """``work()`` in a child process; the bytes it returns, or ``ChildFailed``/``ChildDied``.
 
     A child with no result after ``timeout`` seconds is killed and, ``tries`` times in all,
     made again: a hang inherited from another thread's lock does not recur in a new fork.
+    ``memory``: bytes the child may allocate beyond the address space it was born with
+    (where the OS enforces ``RLIMIT_AS``: Linux and Android); past it, allocations fail.
     """
     for attempt in range(tries):
         try:
-            return _run_child(work, timeout)
+            return _run_child(work, timeout, memory)
         except _Hung:
             if attempt == tries - 1:
-                raise ChildDied(f"no result within {timeout:.0f} s, {tries} times") from None
+                times = "" if tries == 1 else f", {tries} times"
+                raise ChildDied(f"no result within {timeout:.0f} s{times}") from None
     raise AssertionError("unreachable")
 
 
@@ -93,25 +103,27 @@ class _Hung(Exception):
     pass
 
 
-def _run_child(work: Callable[[], Arrays], timeout: float) -> Arrays:
+def _address_space() -> int | None:
+    """This process's virtual size in bytes, where /proc tells it (Linux, Android)."""
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _run_child(work: Callable[[], bytes], timeout: float, memory: int | None) -> bytes:
     hook = _exit_hook()
+    # Measured in the parent: the child's own address space is the parent's at the fork.
+    born = _address_space() if memory is not None else None
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns
         code = 0
         try:
-            gc.disable()
             os.close(read_fd)
-            # libjpeg prints its warnings to stderr; the parent reports one line instead.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 2)
-            if hook is not None:
-                register, callback = hook
-                register(callback, None, None)
-            try:
-                message = b"K" + _pack(work())
-            except Exception as exc:
-                message = b"E" + str(exc).encode("utf-8", "replace")[:2000]
+            _child_setup(hook, born, memory)
+            message = _answer(work)
             with os.fdopen(write_fd, "wb") as out:
                 out.write(message)
         except BaseException:
@@ -121,30 +133,182 @@ def _run_child(work: Callable[[], Arrays], timeout: float) -> Arrays:
     os.close(write_fd)
     chunks: list[bytes] = []
     deadline = time.monotonic() + timeout
-    with os.fdopen(read_fd, "rb", buffering=0) as inp:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([inp], [], [], left)[0]:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                raise _Hung
-            chunk = inp.read(1 << 20)
-            if not chunk:
-                break
-            chunks.append(chunk)
+    try:
+        with os.fdopen(read_fd, "rb", buffering=0) as inp:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([inp], [], [], left)[0]:
+                    raise _Hung
+                chunk = inp.read(1 << 20)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    except BaseException:
+        # Hung, or the parent was interrupted (Ctrl-C): the child goes with the wait.
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
     data = b"".join(chunks)
     _, status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(status):
         raise ChildDied(f"a crash, signal {os.WTERMSIG(status)}")
     code = os.WEXITSTATUS(status)
     if code != 0 or not data:
-        raise ChildDied("a fatal decoding error" if code == EXITED else f"exit status {code}")
+        raise ChildDied("a fatal error in native code" if code == EXITED else f"exit status {code}")
     if data[:1] == b"E":
         raise ChildFailed(data[1:].decode("utf-8", "replace"))
-    return _unpack(data[1:])
+    return data[1:]
 
 
-def _pack(arrays: Arrays) -> bytes:
+def _child_setup(hook: tuple[Any, Any] | None, born: int | None, memory: int | None) -> None:
+    """What every child does first (see the module docstring)."""
+    gc.disable()
+    # libjpeg prints its warnings to stderr; the parent reports one line instead.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    if hook is not None:
+        register, callback = hook
+        register(callback, None, None)
+    if born is not None and memory is not None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (born + memory, born + memory))
+
+
+def _answer(work: Callable[[], bytes]) -> bytes:
+    try:
+        return b"K" + work()
+    except MemoryError:
+        return b"E" + b"it ran out of its memory allowance"
+    except Exception as exc:
+        return b"E" + str(exc).encode("utf-8", "replace")[:2000]
+
+
+class Worker:
+    """A forked child kept for many small jobs of one kind — the engine's chat templates —
+    so that each costs a round trip on a pipe (a millisecond), not a fork (~20 ms of page
+    tables for a model in memory).
+
+    Made right after the model loads, when what it shares with the parent is mostly the
+    weights, which neither side writes again: keeping it costs little memory. (A child
+    forked later shares the KV cache too, and each page of it the parent then writes is
+    copied.) A job that crashes it or passes its deadline ends it for good: ``alive`` turns
+    false and the caller runs later jobs in one-shot children (``run_forked``). An
+    exception in a job comes back as ``ChildFailed``; the worker carries on.
+    """
+
+    def __init__(self, serve: Callable[[bytes], bytes], memory: int | None = None) -> None:
+        hook = _exit_hook()
+        born = _address_space() if memory is not None else None
+        job_read, job_write = os.pipe()
+        answer_read, answer_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: serves until the parent closes its end, never returns
+            code = 0
+            try:
+                # Only its pipes: a lock file of the parent's (the update lock, a model's
+                # in-use lock) must not stay locked for as long as the worker lives.
+                low = 3
+                for fd in sorted((job_read, answer_write)):
+                    os.closerange(low, fd)
+                    low = fd + 1
+                os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent
+                _child_setup(hook, born, memory)
+                while True:
+                    job = _read_frame(job_read, None)
+                    if job is None:
+                        break
+                    _write_frame(answer_write, _answer(functools.partial(serve, job)))
+            except BaseException:
+                code = 3
+            finally:
+                os._exit(code)
+        os.close(job_read)
+        os.close(answer_write)
+        self._pid: int | None = pid
+        self._jobs, self._answers = job_write, answer_read
+        self._lock = threading.Lock()
+
+    @property
+    def alive(self) -> bool:
+        return self._pid is not None
+
+    def run(self, job: bytes, timeout: float) -> bytes:
+        """``serve(job)`` in the worker; ``ChildDied`` (and the worker ends) when it crashes
+        or takes longer than ``timeout`` seconds."""
+        with self._lock:
+            if self._pid is None:
+                raise ChildDied("the worker has ended")
+            try:
+                _write_frame(self._jobs, job)
+                answer = _read_frame(self._answers, time.monotonic() + timeout)
+            except _Hung:
+                self._end()
+                raise ChildDied(f"no result within {timeout:.0f} s") from None
+            except BaseException:
+                self._end()
+                raise
+            if answer is None:
+                status = self._end()
+                raise ChildDied(status)
+        if answer[:1] == b"E":
+            raise ChildFailed(answer[1:].decode("utf-8", "replace"))
+        return answer[1:]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pid is not None:
+                self._end()
+
+    def _end(self) -> str:
+        """Kill and reap the child; how it had ended."""
+        pid, self._pid = self._pid, None
+        assert pid is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        for fd in (self._jobs, self._answers):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if os.WIFSIGNALED(status) and os.WTERMSIG(status) != signal.SIGKILL:
+            return f"a crash, signal {os.WTERMSIG(status)}"
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+        return "a fatal error in native code" if code == EXITED else "it ended"
+
+
+def _write_frame(fd: int, data: bytes) -> None:
+    view = memoryview(len(data).to_bytes(8, "little") + data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _read_frame(fd: int, deadline: float | None) -> bytes | None:
+    """One length-prefixed message from ``fd``; ``None`` at end of file; ``_Hung`` past ``deadline``."""
+    head = _read_exactly(fd, 8, deadline)
+    if head is None:
+        return None
+    body = _read_exactly(fd, int.from_bytes(head, "little"), deadline)
+    return body
+
+
+def _read_exactly(fd: int, size: int, deadline: float | None) -> bytes | None:
+    chunks: list[bytes] = []
+    while size:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise _Hung
+        chunk = os.read(fd, min(size, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def pack_arrays(arrays: Arrays) -> bytes:
+    """Named numpy arrays as bytes, for a child to send back (``unpack_arrays``)."""
     import numpy as np
 
     out = io.BytesIO()
@@ -156,7 +320,7 @@ def _pack(arrays: Arrays) -> bytes:
     return out.getvalue()
 
 
-def _unpack(data: bytes) -> Arrays:
+def unpack_arrays(data: bytes) -> Arrays:
     import numpy as np
 
     size = int.from_bytes(data[:4], "little")

@@ -22,23 +22,28 @@ library's threading HTTP server, so a device needs nothing more than the runtime
   ``cache_prompt`` does. Once a response is sent, its slot re-prefills what the answer's
   decode steps wrote (``Session.settle``), under the gate, giving way after a chunk to a
   request that waits. ``usage.prompt_tokens_details.cached_tokens`` says how many prompt
-  tokens came from the cache. A client that goes away mid-stream stops its answer; the slot
-  keeps what was computed.
+  tokens came from the cache. A client that goes away stops its answer — mid-stream, or
+  while a whole answer is being made (its socket is looked at every ``DROP_CHECK_S``); the
+  slot keeps what was computed.
 * Bodies over ``max_body`` bytes get 413, malformed JSON or options 400, an unknown model
   404; the error body is OpenAI's ``{"error": {"message", "type", "code"}}``.
-* SIGTERM/SIGINT stop accepting connections and let the requests in flight finish.
+* SIGTERM/SIGINT stop accepting connections and let the requests in flight finish; a
+  connection still sending its request (however slowly) or idle between requests is closed.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import dataclasses
 import errno
 import hmac
 import json
 import re
+import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -50,13 +55,14 @@ from typing import Any
 
 from edgephi.runtime import tools
 from edgephi.runtime.engine import IMAGE_TAG, Engine, Message, image_tag
-from edgephi.runtime.errors import BadImage, ConfigError, ContextOverflow, EdgeError
+from edgephi.runtime.errors import BadImage, ConfigError, ContextOverflow, EdgeError, TemplateError
 from edgephi.runtime.images import Image, load_image
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.session import Session, Stats, pick
 
 TEXT_MAX_BODY = 1 << 20
 VISION_MAX_BODY = 32 << 20  # a phone photo as base64 in a data: URL
+DROP_CHECK_S = 0.2  # how often a non-streamed answer looks whether its client is still there
 _DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[^;,]*)*),(?P<data>.*)$", re.DOTALL)
 
 
@@ -345,12 +351,17 @@ class ModelServer:
         self.httpd.serve_forever()
 
     def shutdown(self) -> None:
-        self.httpd.shutdown()
+        self.stop()
         self.httpd.server_close()
+
+    def stop(self) -> None:
+        """Accept nothing more; close the connections that have no request in flight."""
+        self.httpd.shutdown()
+        self.httpd.close_waiting()
 
     def install_signal_handlers(self) -> None:
         def stop(_signum: int, _frame: object) -> None:
-            threading.Thread(target=self.httpd.shutdown, daemon=True).start()
+            threading.Thread(target=self.stop, daemon=True).start()
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
@@ -408,8 +419,40 @@ class Outcome:
 
 
 class _HTTPServer(ThreadingHTTPServer):
+    """Knows which connections wait on their client (reading a request, or idle between
+    two), so that a shutdown closes those rather than waiting on a slow or idle client."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._waiting: set[socket.socket] = set()
+        self._waiting_lock = threading.Lock()
+        self.stopping = False
+
+    def waits(self, connection: socket.socket, on: bool) -> None:
+        with self._waiting_lock:
+            if on:
+                self._waiting.add(connection)
+            else:
+                self._waiting.discard(connection)
+            stopping = self.stopping
+        if on and stopping:
+            _shut(connection)
+
+    def close_waiting(self) -> None:
+        with self._waiting_lock:
+            self.stopping = True
+            waiting = list(self._waiting)
+        for connection in waiting:
+            _shut(connection)
+
     def handle_error(self, request: object, client_address: object) -> None:
         pass  # a client that went away mid-stream is not the server's problem
+
+
+def _shut(connection: socket.socket) -> None:
+    # A read blocked on this socket in its handler's thread returns at once, empty.
+    with contextlib.suppress(OSError):
+        connection.shutdown(socket.SHUT_RD)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -421,6 +464,27 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 5
 
     status = 0  # of the response being sent; kept for the request's log line
+
+    def handle_one_request(self) -> None:
+        # Waiting for the client until the request is read (``_busy``): a shutdown may close it.
+        self.server.waits(self.connection, True)  # type: ignore[attr-defined]
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.waits(self.connection, False)  # type: ignore[attr-defined]
+
+    def _busy(self) -> None:
+        """The request is read: from here a shutdown lets it finish."""
+        self.server.waits(self.connection, False)  # type: ignore[attr-defined]
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed its end: a non-streamed request's only sign of life."""
+        try:
+            if not select.select([self.connection], [], [], 0)[0]:
+                return False
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # http.server's own lines: replaced by ``_log_line``, one per request
@@ -539,6 +603,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         start = time.perf_counter()
         self.status = 0  # a kept-alive connection's handler serves many requests
+        self._busy()
         try:
             refused = self._refuse()
             if refused is not None:
@@ -610,10 +675,14 @@ class _Handler(BaseHTTPRequestHandler):
                 if not isinstance(raw_prompt, str) or not raw_prompt:
                     raise ApiError(400, "'prompt' must be a non-empty string", code="invalid_value")
                 prompt = raw_prompt
+            self._busy()
             self.owner.admit()
             outcome.prompt = prompt
         except ApiError as exc:
             self._fail(exc)
+            return
+        except TemplateError as exc:  # the model's fault, not the request's
+            self._fail(ApiError(500, str(exc), kind="server_error", code="chat_template"))
             return
         except EdgeError as exc:
             self._fail(ApiError(400, str(exc)))
@@ -672,8 +741,20 @@ class _Handler(BaseHTTPRequestHandler):
         outcome: Outcome,
         calling: tools.ToolRequest | None,
     ) -> None:
-        text = "".join(self.owner.generate(prompt, options, outcome, images))
-        outcome.answer = text
+        pieces: list[str] = []
+        chunks = self.owner.generate(prompt, options, outcome, images)
+        looked = time.monotonic()
+        try:
+            for chunk in chunks:
+                pieces.append(chunk)
+                if time.monotonic() - looked > DROP_CHECK_S:
+                    looked = time.monotonic()
+                    if self._client_gone():
+                        # No one will read the answer: stop making it (the slot keeps its cache).
+                        raise ConnectionResetError("the client went away")
+        finally:
+            chunks.close()
+            outcome.answer = text = "".join(pieces)
         calls = self._calls(text, calling)
         out = self._envelope(chat, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}")
         choice: dict[str, Any] = {

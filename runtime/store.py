@@ -161,7 +161,7 @@ class Store:
         policy = policy or bundle.TrustPolicy.from_store(self.trust)
         info = checked if checked is not None else bundle.open_bundle(Path(bundle_path), policy)
         final = self.install_dir(info.manifest)
-        if self._is_installed(final, info.manifest):
+        if self.is_installed(info.manifest):
             return InstalledModel(final, info.manifest, reused=True, verification=info.verification)
         self.check_space(info.manifest.total_size, f"installing {info.manifest.name}")
         with self.staging() as staging:
@@ -217,7 +217,7 @@ class Store:
             os.rename(staging, final)
         except OSError:
             # Another process installed the same manifest first; theirs is as good as ours.
-            if self._is_installed(final, manifest):
+            if self.is_installed(manifest):
                 return InstalledModel(final, manifest, reused=True, verification=verification)
             raise
         fsync_dir(final.parent)
@@ -419,20 +419,24 @@ class Store:
     def size(self, model: InstalledModel) -> int:
         return sum(f.size for f in model.manifest.files)
 
-    def prune(self, name: str) -> list[Path]:
-        """Remove installed versions of ``name`` other than current, previous and those in use."""
+    def prune(self, name: str, also_keep: Path | None = None) -> list[Path]:
+        """Remove installed versions of ``name`` other than current, previous, ``also_keep``
+        and those in use — among them orphans an update left when it failed after unpacking."""
         keep = {m.path for m in (self.current(name), self.previous(name)) if m is not None}
         if not keep:
             return []
+        if also_keep is not None:
+            keep.add(also_keep)
         removed = [m.path for m in self.installed(name) if m.path not in keep and not in_use(m.path)]
         removed += [p for p in (self.models_dir / name).glob(".damaged-*") if not in_use(p)]
         for path in removed:
             remove_tree(path)
         return removed
 
-    def _is_installed(self, final: Path, manifest: Manifest) -> bool:
-        """Whether ``final`` holds ``manifest``'s install, whole by size. A copy whose files
-        lost or changed length is set aside (``quarantine``), so the install redoes it."""
+    def is_installed(self, manifest: Manifest) -> bool:
+        """Whether ``manifest``'s install is there, whole by size. A copy whose files lost or
+        changed length is set aside (``quarantine``), so the install redoes it."""
+        final = self.install_dir(manifest)
         try:
             if (final / bundle.MANIFEST_MEMBER).read_bytes() != manifest.canonical_bytes():
                 return False

@@ -110,12 +110,17 @@ def update_lock(store: Store) -> Iterator[None]:
         os.close(fd)
 
 
-def fetch_index(channel_url: str, store: Store) -> channel.ChannelIndex:
+def fetch_index(
+    channel_url: str, store: Store, pace: download.Pace = download.DEFAULT_PACE, until: float | None = None
+) -> channel.ChannelIndex:
     """The channel's index, signed by a trusted key, unexpired, and not older than the newest
     index this device accepted from that channel: a replayed old index (validly signed and
     not yet expired) would otherwise freeze the device at old versions until it expires."""
-    raw = download.fetch_bytes(download.join(channel_url, channel.INDEX), channel.MAX_INDEX_BYTES)
-    sig = download.fetch_optional(download.join(channel_url, channel.INDEX_SIG), 64 << 10)
+    until = pace.clock() if until is None else until
+    raw = download.fetch_bytes(
+        download.join(channel_url, channel.INDEX), channel.MAX_INDEX_BYTES, pace, until
+    )
+    sig = download.fetch_optional(download.join(channel_url, channel.INDEX_SIG), 64 << 10, pace, until)
     index = channel.verify_index(raw, sig, store.trust.keys())
     seen = store.channel_seen(channel_url)
     if seen is not None and channel.parse_time(index.issued_at) < channel.parse_time(seen):
@@ -137,11 +142,16 @@ def update(
     check_only: bool = False,
     say: Say = lambda _m: None,
     health_check: bool = True,
+    pace: download.Pace = download.DEFAULT_PACE,
 ) -> list[UpdateResult]:
-    """Update ``name`` (default: every installed model the channel offers) from the channel."""
+    """Update ``name`` (default: every installed model the channel offers) from the channel.
+
+    All downloads of the call share ``pace.deadline``; a stalled or dribbling link ends the
+    update with ``DownloadError`` and keeps what arrived for the next call."""
     store = store or Store()
     with update_lock(store):
-        index = fetch_index(channel_url, store)
+        until = pace.clock()
+        index = fetch_index(channel_url, store, pace, until)
         names = [name] if name else sorted(n for n in index.releases if store.current(n) is not None)
         if not names:
             raise UpdateError(
@@ -155,7 +165,9 @@ def update(
                     f"the channel does not offer {model}; it offers {', '.join(index.releases)}"
                 )
             try:
-                result = _update_one(channel_url, index.releases[model], store, check_only, say, health_check)
+                result = _update_one(
+                    channel_url, index.releases[model], store, check_only, say, health_check, pace, until
+                )
             except OSError as exc:
                 if isinstance(exc, EdgeError):
                     raise
@@ -168,7 +180,14 @@ def update(
 
 
 def _update_one(
-    channel_url: str, release: channel.Release, store: Store, check_only: bool, say: Say, health_check: bool
+    channel_url: str,
+    release: channel.Release,
+    store: Store,
+    check_only: bool,
+    say: Say,
+    health_check: bool,
+    pace: download.Pace,
+    until: float,
 ) -> UpdateResult:
     from edgephi.runtime.loader import check_runnable
 
@@ -186,7 +205,7 @@ def _update_one(
             "the highest version this device has accepted"
         )
     policy = bundle.TrustPolicy.from_store(store.trust)
-    manifest = _fetch_manifest(channel_url, release, policy)
+    manifest = _fetch_manifest(channel_url, release, policy, pace, until)
     if current is not None and current.manifest.digest == manifest.digest:
         # Also finishes an update killed between the switch and the commit.
         _commit(store, name, release.version, manifest)
@@ -195,18 +214,28 @@ def _update_one(
     if check_only:
         return UpdateResult(name, "available", old, release.version)
 
+    # An update that failed after unpacking (a disk full at the switch, a kill) left a whole
+    # version that is neither current nor previous: such orphans go before space is counted,
+    # and a whole copy of this very release is used, not unpacked again.
+    store.prune(name, also_keep=store.install_dir(manifest))
+    unpacked = store.is_installed(manifest)
     have = _local_files(store, name)
     missing = [f for f in manifest.files if f.sha256 not in have]
     use_blobs = bool(release.blobs)
-    to_download = sum(f.size for f in missing) if use_blobs else release.size
+    downloads = store.root / "downloads"
+    if use_blobs:
+        to_download = sum(
+            f.size - _arrived(downloads / f.sha256) for f in {f.sha256: f for f in missing}.values()
+        )
+    else:
+        to_download = release.size - _arrived(downloads / f"{release.sha256}.phi")
     store.check_space(
-        to_download + manifest.total_size,
+        to_download + (0 if unpacked else manifest.total_size),
         "the update",
-        "free some space (or `edge-run` prunes old versions after each update) and retry",
+        "free some space (or `edge-run prune`) and retry",
     )
     say(f"{name}: {old or 'not installed'} → {release.version}, downloading {to_download} bytes")
 
-    downloads = store.root / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
     fetched = 0
     if use_blobs:
@@ -219,6 +248,8 @@ def _update_one(
                 entry.sha256,
                 download.terminal_progress(entry.path),
                 on_chunk=lambda: _fault("mid-download"),
+                pace=pace,
+                until=until,
             )
         _fault("after-download")
         installed = _stage_from_blobs(store, manifest, have, downloads)
@@ -232,6 +263,8 @@ def _update_one(
                 release.sha256,
                 download.terminal_progress(release.bundle),
                 on_chunk=lambda: _fault("mid-download"),
+                pace=pace,
+                until=until,
             )
         _fault("after-download")
         installed = store.install(target, policy)
@@ -260,21 +293,32 @@ def _commit(store: Store, name: str, version: str, manifest: Manifest) -> None:
     _clean_downloads(store.root / "downloads", manifest)
 
 
-def _fetch_manifest(channel_url: str, release: channel.Release, policy: bundle.TrustPolicy) -> Manifest:
+def _fetch_manifest(
+    channel_url: str, release: channel.Release, policy: bundle.TrustPolicy, pace: download.Pace, until: float
+) -> Manifest:
     import hashlib
 
     from edgephi.runtime.bundle import MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES
 
-    raw = download.fetch_bytes(download.join(channel_url, release.manifest), MAX_MANIFEST_BYTES)
+    raw = download.fetch_bytes(download.join(channel_url, release.manifest), MAX_MANIFEST_BYTES, pace, until)
     if hashlib.sha256(raw).hexdigest() != release.manifest_sha256:
         raise ChannelError(f"the manifest of {release.name} {release.version} is not the one the index names")
-    sig = download.fetch_optional(download.join(channel_url, release.manifest + ".sig"), MAX_SIGNATURE_BYTES)
+    sig_url = download.join(channel_url, release.manifest + ".sig")
+    sig = download.fetch_optional(sig_url, MAX_SIGNATURE_BYTES, pace, until)
     manifest, _, _ = bundle.read_signed_manifest(raw, sig, policy)
     if (manifest.name, manifest.version) != (release.name, release.version):
         raise ChannelError(
             f"the channel's manifest for {release.name} {release.version} describes another model"
         )
     return manifest
+
+
+def _arrived(dest: Path) -> int:
+    """Bytes of ``dest`` already on disk: the whole file, or its ``.part``."""
+    for path in (dest, dest.with_name(dest.name + ".part")):
+        with contextlib.suppress(OSError):
+            return path.stat().st_size
+    return 0
 
 
 def _local_files(store: Store, name: str) -> dict[str, Path]:

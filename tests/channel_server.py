@@ -7,6 +7,7 @@ counts the body bytes it sends, so tests can measure what an update transferred.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,6 +19,9 @@ class ChannelServer:
         self.root = root
         self.ignore_range = False
         self.cut_after: int | None = None  # end one longer body cleanly (FIN) after this many bytes
+        # Send bodies over 64 KiB (blobs, bundles) as (bytes, then a pause in seconds), again and
+        # again: a slow or hostile link.
+        self.pace: tuple[int, float] | None = None
         self.bytes_sent = 0
         self.range_requests = 0
         self.requests: list[str] = []
@@ -60,9 +64,18 @@ class ChannelServer:
                         server.cut_after = None  # once, on the first file longer than that
                         body = body[:cut]  # what a proxy or a mobile link does: a short, clean close
                         self.close_connection = True
-                self.wfile.write(body)
-                with server._lock:
-                    server.bytes_sent += len(body)
+                pace = server.pace if len(body) > 64 << 10 else None
+                step = pace[0] if pace else len(body)
+                for at in range(0, len(body), max(step, 1)):
+                    try:
+                        self.wfile.write(body[at : at + step])
+                        self.wfile.flush()
+                    except OSError:
+                        return  # the client gave up
+                    with server._lock:
+                        server.bytes_sent += len(body[at : at + step])
+                    if pace:
+                        time.sleep(pace[1])
 
         class Server(ThreadingHTTPServer):
             def handle_error(self, request: object, client_address: object) -> None:

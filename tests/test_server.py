@@ -9,6 +9,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -219,6 +221,63 @@ def test_sigterm_lets_the_request_in_flight_finish(smollm2_bundle: Path) -> None
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_sigterm_does_not_wait_for_a_client_dribbling_its_request(smollm2_bundle: Path) -> None:
+    # A slow client: its request line and a header byte every half second, never finished —
+    # each byte within the per-read timeout. Shutdown used to wait for it (43 s in the report).
+    proc, url = start_serve(str(smollm2_bundle))
+    host, port = url.removeprefix("http://").split(":")
+    stop = threading.Event()
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+
+        def dribble() -> None:
+            while not stop.wait(0.5):
+                try:
+                    conn.sendall(b"a")
+                except OSError:
+                    return
+
+        dribbler = threading.Thread(target=dribble)
+        dribbler.start()
+        try:
+            time.sleep(1.5)
+            start = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+            assert time.monotonic() - start < 5
+        finally:
+            stop.set()
+            dribbler.join()
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_a_dropped_request_stops_its_answer(smol) -> None:  # type: ignore[no-untyped-def]
+    # A whole (not streamed) answer of 600 tokens, asked for and then abandoned: the engine
+    # stops making it rather than keep the next request waiting until it is done.
+    with serving(smol, slots=2) as server:
+        body = json.dumps(
+            {"messages": [{"role": "user", "content": "Count."}], "max_tokens": 600, "min_tokens": 600}
+        ).encode()
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as conn:
+            conn.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\n" + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+            )
+            time.sleep(0.5)  # it is generating
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        client.chat.completions.create(
+            model=smol.model_name, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+        # The other slot answered "hi"; this one holds what the abandoned answer left.
+        [dropped] = [
+            s.last_stats for s in server.slots if s.last_stats and s.last_stats.generated_tokens != 2
+        ]
+    # Left unfinished: a finished one would say "length" after all 600 tokens.
+    assert dropped.finish_reason == "cancelled" and 0 < dropped.generated_tokens < 600, dropped
 
 
 def test_log_prompts_adds_the_prompt_and_answer_to_the_line(smollm2_bundle: Path) -> None:

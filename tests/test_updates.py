@@ -6,6 +6,7 @@ tokenizer-only release); v3 has truncated weights (it verifies, but cannot load)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import resource
@@ -21,7 +22,7 @@ import pytest
 from channel_server import ChannelServer, serve
 from edgephi.packager import finalize, writer
 from edgephi.packager.publish import publish, write_index
-from edgephi.runtime import bundle, load, updater
+from edgephi.runtime import bundle, download, load, updater
 from edgephi.runtime.errors import (
     ChannelError,
     DowngradeRefused,
@@ -33,7 +34,7 @@ from edgephi.runtime.errors import (
 )
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.signing import SigningKey
-from edgephi.runtime.store import Store
+from edgephi.runtime.store import DISK_MARGIN, Store
 
 NAME = "phi35-tiny"
 
@@ -244,6 +245,83 @@ def test_a_clean_close_mid_file_keeps_the_part_and_resumes(device: Store, channe
     [result] = updater.update(server.url, NAME, store=device)
     assert server.range_requests == 1 and result.downloaded_bytes == size - size // 2
     runs(device, "1.0.0")
+
+
+def test_a_dribbling_server_is_given_up_and_the_part_kept(device: Store, channel, releases, key) -> None:  # type: ignore[no-untyped-def]
+    """A link that sends a byte at a time, each within the per-read timeout: the minimum
+    rate ends the update (it used to hold the update lock for as long as the server liked)."""
+    folder, server = channel
+    publish(releases["1.0.0"], folder, key, blobs=False)
+    size = releases["1.0.0"].stat().st_size
+    server.pace = (1, 0.2)  # 5 bytes a second
+    start = time.monotonic()
+    with pytest.raises(DownloadError, match=r"too slow: \d+ bytes in the last 2 s, under 1024 bytes/s"):
+        updater.update(server.url, NAME, store=device, pace=download.Pace(window=2.0))
+    assert time.monotonic() - start < 10
+    [part] = (device.root / "downloads").glob("*.part")
+    assert 0 < part.stat().st_size < size and device.current(NAME) is None
+    # A link fast enough per window, but an update slower than its deadline, stops too.
+    server.pace = (64 << 10, 0.05)  # about 1.3 MB/s
+    with pytest.raises(DownloadError, match="ran past its deadline of 1 s"):
+        updater.update(server.url, NAME, store=device, pace=download.Pace(deadline=1.0))
+    kept = part.stat().st_size
+    assert kept > 64 << 10
+    server.pace = None
+    server.reset_counters()
+    [result] = updater.update(server.url, NAME, store=device)
+    assert server.range_requests == 1 and result.downloaded_bytes == size - kept
+    runs(device, "1.0.0")
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: int) -> Iterator[Path]:
+    """A file system of ``size`` bytes at ``path`` (a tmpfs: needs root, as CI has)."""
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def test_an_orphan_of_a_failed_switch_is_not_counted_twice(channel, releases, key, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """An update killed after unpacking (as a disk that fills at the switch leaves it) left
+    a whole version that is neither current nor previous. The retry uses that copy rather
+    than asking for room for a second one, and an orphan of a superseded version goes."""
+    folder, server = channel
+    with small_disk(tmp_path / "disk", 256 << 20) as disk:
+        device = Store(disk / "device")
+        (tmp_path / "publisher.pub").write_text(key.public.to_text())
+        device.trust.add(tmp_path / "publisher.pub")
+        publish(releases["1.0.0"], folder, key)
+        updater.update(server.url, NAME, store=device)
+        publish(releases["1.1.0"], folder, key)
+        killed = edge_run(device, "update", server.url, NAME, env={"EDGEPHI_FAULT_INJECT": "before-switch"})
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        [orphan] = [m for m in device.installed(NAME) if m.manifest.version == "1.1.0"]
+        assert device.current(NAME).manifest.version == "1.0.0"  # type: ignore[union-attr]
+        # Room for the margin and half the release again: not for a second copy of it.
+        needed = bundle.open_bundle(releases["1.1.0"]).manifest.total_size
+        filler = disk / "filler"
+        filler.write_bytes(bytes(shutil.disk_usage(disk).free - DISK_MARGIN - needed // 2))
+        retried = edge_run(device, "update", server.url, NAME)
+        assert retried.returncode == 0, retried.stderr
+        assert device.current(NAME).path == orphan.path  # type: ignore[union-attr]
+        filler.unlink()
+        runs(device, "1.1.0")
+        # A release killed the same way, then superseded by a newer one: its orphan goes.
+        publish(releases["1.2.0"], folder, key)
+        edge_run(device, "update", server.url, NAME, env={"EDGEPHI_FAULT_INJECT": "before-switch"})
+        [stale] = [m.path for m in device.installed(NAME) if m.manifest.version == "1.2.0"]
+        publish(derive(releases["1.0.0"], tmp_path / "v4.phi", "1.3.0", key, note("v4")), folder, key)
+        retried = edge_run(device, "update", server.url, NAME)
+        assert retried.returncode == 0, retried.stderr
+        assert not stale.exists()
+        runs(device, "1.3.0")
 
 
 def test_an_index_digest_is_never_a_path(device: Store, channel, releases, key, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
