@@ -6,6 +6,7 @@
     edge-pack keygen publisher.key            (writes publisher.key and publisher.key.pub)
     edge-pack sign model.phi --key publisher.key [-o signed.phi]
     edge-pack publish model.phi CHANNEL_DIR --key publisher.key
+    edge-pack rotate-key CHANNEL_DIR --old publisher.key --new next.key
     edge-pack targets
 
 A thin shell over ``edgephi.packager.pipeline``: options become a ``BuildConfig``, the
@@ -294,7 +295,9 @@ def keygen(
 @app.command()
 def sign(
     path: Annotated[Path, typer.Argument(help="The .phi bundle to sign.")],
-    key: Annotated[Path, typer.Option("--key", help="Private key (edge-pack keygen).")],
+    key: Annotated[
+        list[Path], typer.Option("--key", help="Private key (edge-pack keygen); again for more signers.")
+    ],
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write here (default: in place).")
     ] = None,
@@ -302,16 +305,20 @@ def sign(
     """(Re-)sign an existing bundle without rebuilding it; its content is verified first."""
     from edgephi.packager import writer
 
-    signing_key = signing.SigningKey.load(key)
-    manifest = writer.resign(path, output or path, [signing_key])
-    print(f"signed {output or path}: {manifest.name} {manifest.version} by key {signing_key.key_id}")
+    keys = [signing.SigningKey.load(k) for k in key]
+    manifest = writer.resign(path, output or path, keys)
+    ids = ", ".join(k.key_id for k in keys)
+    print(f"signed {output or path}: {manifest.name} {manifest.version} by key {ids}")
 
 
 @app.command()
 def publish(
     path: Annotated[Path, typer.Argument(help="The signed .phi bundle to publish.")],
     channel_dir: Annotated[Path, typer.Argument(help="The channel folder (created if missing).")],
-    key: Annotated[Path, typer.Option("--key", help="The publisher's private key; it signs the index.")],
+    key: Annotated[
+        list[Path],
+        typer.Option("--key", help="The publisher's private key; it signs the index (again for more)."),
+    ],
     expires_days: Annotated[
         float, typer.Option("--expires-days", help="Days until devices refuse the index.")
     ] = 30,
@@ -322,10 +329,33 @@ def publish(
     """Add a bundle to an update channel and re-sign its index."""
     from edgephi.packager.publish import publish as do_publish
 
-    release = do_publish(
-        path, channel_dir, signing.SigningKey.load(key), expires_days=expires_days, blobs=blobs
-    )
+    keys = [signing.SigningKey.load(k) for k in key]
+    release = do_publish(path, channel_dir, keys, expires_days=expires_days, blobs=blobs)
     print(f"published {release.name} {release.version} to {channel_dir} ({release.size} bytes)")
+
+
+@app.command("rotate-key")
+def rotate_key(
+    channel_dir: Annotated[Path, typer.Argument(help="The channel folder.")],
+    old: Annotated[Path, typer.Option("--old", help="The private key devices trust now.")],
+    new: Annotated[Path, typer.Option("--new", help="The private key to hand over to.")],
+    also: Annotated[
+        list[Path] | None,
+        typer.Option("--also", help="Another trusted key that co-signs (devices with a threshold)."),
+    ] = None,
+    expires_days: Annotated[
+        float, typer.Option("--expires-days", help="Days until devices refuse the index.")
+    ] = 30,
+) -> None:
+    """Hand a channel over to a new key: devices that trust the old key take the new one."""
+    from edgephi.packager.publish import rotate_key as do_rotate
+
+    old_key, new_key = signing.SigningKey.load(old), signing.SigningKey.load(new)
+    others = [signing.SigningKey.load(k) for k in also or []]
+    do_rotate(channel_dir, old_key, new_key, others, expires_days)
+    print(
+        f"{channel_dir}: key {old_key.key_id} hands over to {new_key.key_id}; publish with {new} from now on"
+    )
 
 
 @app.command("targets")

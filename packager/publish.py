@@ -8,21 +8,30 @@ blobs (``--no-blobs``, for hosts that serve a few big files better) gets the who
 under ``bundles/`` instead: every bundle is stored once, in one form. Last, ``index.json``
 is rewritten with the new release and signed; the index is the only file devices trust
 directly, so it is replaced atomically and after everything it points to is in place.
+
+Several keys may sign (``--key`` again), for devices whose trust policy asks for more
+than one signature. ``rotate_key`` hands the channel over to a new key: the old key signs
+a rotation statement (``edgephi.runtime.signing.make_rotation``) that goes into
+``keys/rotations.json``, and the index is signed again by the new key alone.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import json
 import shutil
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from edgephi.runtime import bundle, channel
 from edgephi.runtime.errors import ChannelError, ConfigError
 from edgephi.runtime.fsutil import atomic_output, atomic_write_bytes, sha256_file
 from edgephi.runtime.manifest import version_key
-from edgephi.runtime.signing import SigningKey, encode_signatures
+from edgephi.runtime.signing import SigningKey, encode_signatures, make_rotation
+
+Keys = SigningKey | Sequence[SigningKey]
 
 MAX_EXPIRES_DAYS = 3660  # ten years
 
@@ -31,20 +40,28 @@ def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
 
 
-def publish(
-    bundle_path: Path,
-    channel_dir: Path,
-    key: SigningKey,
-    *,
-    expires_days: float = 30.0,
-    blobs: bool = True,
-) -> channel.Release:
+def _check_expiry(expires_days: float) -> None:
     if not 0 < expires_days <= MAX_EXPIRES_DAYS:
         # An index that never expires could be replayed for ever (and datetime overflows).
         raise ConfigError(
             f"--expires-days must be above 0 and at most {MAX_EXPIRES_DAYS}, not {expires_days}"
         )
-    info = bundle.verify_content(bundle_path, bundle.TrustPolicy({key.key_id: key.public}))
+
+
+def _keys(keys: Keys) -> list[SigningKey]:
+    return [keys] if isinstance(keys, SigningKey) else list(keys)
+
+
+def publish(
+    bundle_path: Path,
+    channel_dir: Path,
+    key: Keys,
+    *,
+    expires_days: float = 30.0,
+    blobs: bool = True,
+) -> channel.Release:
+    _check_expiry(expires_days)
+    info = bundle.verify_content(bundle_path, bundle.TrustPolicy({k.key_id: k.public for k in _keys(key)}))
     m = info.manifest
     channel_dir.mkdir(parents=True, exist_ok=True)
     index = _load_index(channel_dir, key)
@@ -94,24 +111,47 @@ def publish(
 
 
 def write_index(
-    channel_dir: Path, releases: dict[str, channel.Release], key: SigningKey, expires_days: float
+    channel_dir: Path, releases: dict[str, channel.Release], key: Keys, expires_days: float
 ) -> channel.ChannelIndex:
+    keys = _keys(key)
     now = _now()
     index = channel.ChannelIndex(
         issued_at=now.isoformat(),
         expires_at=(now + _dt.timedelta(days=expires_days)).isoformat(),
         releases=releases,
-        signed_by=(key.key_id,),
+        signed_by=tuple(k.key_id for k in keys),
     )
     raw = index.canonical_bytes()
     # Signature first, then the index: a device that reads between the two sees the old
     # index with a signature that does not match, and refuses it rather than trusting it.
-    atomic_write_bytes(channel_dir / channel.INDEX_SIG, encode_signatures([key.sign(raw)]))
+    atomic_write_bytes(channel_dir / channel.INDEX_SIG, encode_signatures([k.sign(raw) for k in keys]))
     atomic_write_bytes(channel_dir / channel.INDEX, raw)
     return index
 
 
-def _load_index(channel_dir: Path, key: SigningKey) -> channel.ChannelIndex | None:
+def rotate_key(
+    channel_dir: Path,
+    old: SigningKey,
+    new: SigningKey,
+    also: Sequence[SigningKey] = (),
+    expires_days: float = 30.0,
+) -> channel.ChannelIndex:
+    """Hand ``channel_dir`` over from ``old`` to ``new`` (``also`` sign both the statement
+    and the index, for devices with a threshold). Devices that trust ``old`` take ``new``
+    at their next update; later releases are published with ``new``."""
+    _check_expiry(expires_days)
+    index = _load_index(channel_dir, old)
+    if index is None:
+        raise ChannelError(f"{channel_dir} is not a channel (it has no {channel.INDEX})")
+    path = channel_dir / channel.ROTATIONS
+    rotations = json.loads(path.read_text())["rotations"] if path.exists() else []
+    rotations.append(json.loads(make_rotation(old, new, tuple(also))))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps({"rotations": rotations}, indent=1).encode())
+    return write_index(channel_dir, dict(index.releases), [new, *also], expires_days)
+
+
+def _load_index(channel_dir: Path, key: Keys) -> channel.ChannelIndex | None:
     path = channel_dir / channel.INDEX
     if not path.exists():
         return None
@@ -121,7 +161,7 @@ def _load_index(channel_dir: Path, key: SigningKey) -> channel.ChannelIndex | No
         return channel.verify_index(
             path.read_bytes(),
             sig.read_bytes() if sig.exists() else None,
-            {key.key_id: key.public},
+            {k.key_id: k.public for k in _keys(key)},
             allow_expired=True,
         )
     except ChannelError as exc:

@@ -98,10 +98,12 @@ class TrustPolicy:
     trusted: dict[str, signing.PublicKey]
     skip: bool = False
     enforce: bool = False  # signatures are required even if no trusted key loads
+    threshold: int = 1  # distinct trusted keys that must sign
 
     @classmethod
     def from_store(cls, store: signing.TrustStore, skip: bool = False) -> TrustPolicy:
-        return cls(trusted=store.keys(), skip=skip, enforce=store.active)
+        threshold = 1 if skip or not store.active else store.threshold
+        return cls(trusted=store.keys(), skip=skip, enforce=store.active, threshold=threshold)
 
 
 @dataclass(frozen=True)
@@ -250,7 +252,8 @@ def _verify(
                 "the bundle is unsigned, and this device accepts only signed bundles",
                 hint="ask its publisher for a signed build (edge-pack build --sign-key, or edge-pack sign)",
             )
-        return Verification("trusted", signing.verify_manifest(raw, signed_by, signatures, policy.trusted))
+        kid = signing.verify_manifest(raw, signed_by, signatures, policy.trusted, policy.threshold)
+        return Verification("trusted", kid)
     if claimed:
         return Verification("untrusted-unchecked", claimed[0])
     return Verification("unsigned")

@@ -4,6 +4,7 @@ Layout, all paths relative to the channel root::
 
     index.json                       the signed index (canonical JSON, like a manifest)
     index.sig                        its signatures (the format of a bundle's manifest.sig)
+    keys/rotations.json              key rotations: {"rotations": [statement, …]} (signing.py)
     manifests/<name>-<version>.json  each bundle's manifest, with .json.sig beside it
     blobs/<sha256>                   every model file once, named by its content hash
     bundles/<name>-<version>.phi     or instead whole bundles (a channel without blobs)
@@ -20,6 +21,10 @@ delta: a tokenizer-only release downloads kilobytes). A release offers ``blobs``
 whole ``bundle`` (the other is ``""``); ``size`` and ``sha256`` are the published
 bundle's either way, so whoever holds a ``.phi`` can tell whether it is the one released.
 The index is only accepted with a valid signature by a trusted key and before ``expires_at``.
+When the publisher rotates its key, the statement the old key signed goes into
+``keys/rotations.json``; a device reads it before the index and, trusting the old key,
+takes the new one (``edgephi.runtime.updater.fetch_index``). Manifests and bundles signed
+by the retired key stay acceptable where a trusted index pins them by sha256.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from edgephi.runtime.manifest import canonical_json, check_member_path, is_valid
 
 INDEX = "index.json"
 INDEX_SIG = "index.sig"
+ROTATIONS = "keys/rotations.json"
+MAX_ROTATIONS_BYTES = 1 << 20
 FORMAT = "edgephi-channel"
 FORMAT_VERSION = "1.0"
 MAX_INDEX_BYTES = 4 << 20
@@ -157,9 +164,15 @@ class ChannelIndex:
 
 
 def verify_index(
-    raw: bytes, sig_raw: bytes | None, trusted: dict[str, signing.PublicKey], *, allow_expired: bool = False
+    raw: bytes,
+    sig_raw: bytes | None,
+    trusted: dict[str, signing.PublicKey],
+    *,
+    threshold: int = 1,
+    allow_expired: bool = False,
 ) -> ChannelIndex:
-    """Accept an index only when a trusted key signed exactly these bytes and it has not expired."""
+    """Accept an index only when ``threshold`` trusted keys signed exactly these bytes and
+    it has not expired."""
     if not trusted:
         raise ChannelError(
             "updates need a trusted publisher key and this device has none",
@@ -169,7 +182,7 @@ def verify_index(
         raise ChannelError("the channel index is not signed")
     try:
         signatures = signing.parse_signatures(sig_raw)
-        signing.verify_manifest(raw, claimed_signers(raw), signatures, trusted)
+        signing.verify_manifest(raw, claimed_signers(raw), signatures, trusted, threshold)
     except EdgeError as exc:
         raise ChannelError(f"the channel index signature is not acceptable: {exc}") from None
     index = ChannelIndex.from_bytes(raw)

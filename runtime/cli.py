@@ -26,7 +26,7 @@ import typer
 from edgephi.runtime import console, loader, memory
 from edgephi.runtime.chat import Conversation
 from edgephi.runtime.engine import Engine
-from edgephi.runtime.errors import BundleNotFound, ConfigError, EdgeError, IntegrityError
+from edgephi.runtime.errors import BundleNotFound, ConfigError, EdgeError, IntegrityError, KeyFileError
 from edgephi.runtime.images import Image, image_tokens, load_image
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.session import Session
@@ -500,7 +500,7 @@ def trust_remove(
 
 @trust_app.command("list")
 def trust_list(store: StoreOpt = None) -> None:
-    """List the trusted publisher keys."""
+    """List the trusted publisher keys, the keys rotated out, and the threshold."""
     trust = Store(store).trust
     keys = trust.keys()
     for problem in trust.unreadable():
@@ -509,6 +509,42 @@ def trust_list(store: StoreOpt = None) -> None:
         console.info(f"no trusted keys in {trust.folder}: unsigned bundles run, with a warning")
     for kid, key in keys.items():
         print(f"{kid}\t{key.comment}")
+    for kid in trust.retired():
+        print(f"{kid}\t(retired by a rotation)")
+    if trust.active and trust.threshold > 1:
+        console.info(f"each bundle and channel index needs {trust.threshold} of these keys' signatures")
+
+
+@trust_app.command("threshold")
+def trust_threshold(
+    count: Annotated[int, typer.Argument(help="How many trusted keys must sign (1 to the number trusted).")],
+    store: StoreOpt = None,
+) -> None:
+    """Require signatures by COUNT distinct trusted keys on every bundle and channel index."""
+    trust = Store(store).trust
+    trust.set_threshold(count)
+    print(f"bundles and channel indexes now need {count} trusted signature(s) ({trust.policy_file})")
+
+
+@trust_app.command("rotate")
+def trust_rotate(
+    statement: Annotated[Path, typer.Argument(help="A key rotation statement (keys/rotations.json entry).")],
+    store: StoreOpt = None,
+) -> None:
+    """Take a publisher's key rotation by hand (updates take the channel's on their own)."""
+    trust = Store(store).trust
+    try:
+        raw = statement.read_bytes()
+    except OSError as exc:
+        raise KeyFileError(f"cannot read {statement}: {exc.strerror or exc}") from None
+    rotation = trust.check_rotation(raw)
+    if rotation is None:
+        raise KeyFileError(
+            f"{statement} hands over a key this device does not trust (or it was taken already)",
+            hint="`edge-run trust list` shows the keys trusted here",
+        )
+    trust.rotate(rotation)
+    print(f"trusted key {rotation.new.key_id} in place of {rotation.old} (retired)")
 
 
 @app.command("update")

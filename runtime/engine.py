@@ -51,7 +51,7 @@ IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
 # A chat template renders in a forked child with these limits (``_render``). Real templates
 # take milliseconds and kilobytes; a prompt is at most a context of text.
 TEMPLATE_DEADLINE_S = 5.0
-TEMPLATE_MEMORY = 256 << 20
+TEMPLATE_MEMORY = 128 << 20
 
 
 def image_tag(k: int) -> str:

@@ -168,6 +168,37 @@ def check_model_dir(model_dir: Path, bundle_files: set[str]) -> None:
     for rel in sorted(models):
         for location in external_data_locations(model_dir / rel):
             _check_external(rel, location, bundle_files)
+    check_chat_template(model_dir, bundle_files)
+
+
+MAX_TEMPLATE_CHARS = 256 << 10  # the largest real template (Mistral's) is under 20 KB
+
+
+def check_chat_template(model_dir: Path, bundle_files: set[str]) -> None:
+    """A chat template is code og runs on every prompt (rendered in the engine's sandbox, so
+    a hostile one cannot take the runtime down): here, only that it is text of a sane size."""
+    templates: list[tuple[str, object]] = []
+    if "chat_template.jinja" in bundle_files:
+        try:
+            templates.append(("chat_template.jinja", (model_dir / "chat_template.jinja").read_text("utf-8")))
+        except UnicodeDecodeError:
+            raise UnsafeBundle("chat_template.jinja is not UTF-8 text") from None
+    if "tokenizer_config.json" in bundle_files:
+        try:
+            config = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UnsafeBundle(f"tokenizer_config.json is not valid JSON: {exc}") from None
+        if isinstance(config, dict) and "chat_template" in config:
+            templates.append(("tokenizer_config.json's chat_template", config["chat_template"]))
+    for where, template in templates:
+        if isinstance(template, list):  # named templates: [{"name", "template"}, …]
+            template = "".join(t.get("template", "") if isinstance(t, dict) else "\0" for t in template)
+        if not isinstance(template, str) or "\0" in template:
+            raise UnsafeBundle(f"{where} is not a template")
+        if len(template) > MAX_TEMPLATE_CHARS:
+            raise UnsafeBundle(
+                f"{where} is {len(template)} characters, over the {MAX_TEMPLATE_CHARS} allowed"
+            )
 
 
 def _check_external(model_rel: str, location: str, files: set[str]) -> None:

@@ -14,7 +14,18 @@ Key files: a private key is PKCS#8 PEM (mode 0600); a public key is one line,
 
 The trust store is a folder of public keys: ``$EDGEPHI_TRUST``, else ``trusted-keys/`` in
 the model store. Once it holds a key, bundles must carry a valid signature by one of its
-keys; with no trust store, unsigned bundles run with a warning.
+keys — or by ``threshold`` of them, when its ``policy.json`` says ``{"threshold": N}``;
+with no trust store, unsigned bundles run with a warning.
+
+Keys rotate by a statement the old key signs (``make_rotation``)::
+
+    {"rotation": {"format": "edgephi-key-rotation", "from": "<old key id>",
+                  "to": "edgephi-ed25519 <new key>", "issued_at": "…"},
+     "signatures": [<by the old key>, <by the new key>, <by other trusted keys, for a threshold>]}
+
+A device that trusts the old key and checks the statement (``TrustStore.rotate``) trusts the
+new key instead; the old one moves to ``retired/``. The new key's own signature proves its
+holder made the statement; a threshold policy needs that many trusted signatures on it.
 """
 
 from __future__ import annotations
@@ -170,6 +181,56 @@ def parse_signatures(raw: bytes) -> list[tuple[str, bytes]]:
         raise BundleFormatError(f"manifest.sig is malformed: {exc}") from None
 
 
+ROTATION_FORMAT = "edgephi-key-rotation"
+MAX_ROTATION_BYTES = 64 << 10
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """A checked rotation statement: ``old`` (a key id) hands over to ``new``."""
+
+    old: str
+    new: PublicKey
+    issued_at: str
+
+
+def make_rotation(old: SigningKey, new: SigningKey, others: tuple[SigningKey, ...] = ()) -> bytes:
+    """A statement that ``old`` hands over to ``new``, signed by both (and ``others``)."""
+    import datetime as _dt
+
+    body = {
+        "format": ROTATION_FORMAT,
+        "from": old.key_id,
+        "to": new.public.to_text().strip(),
+        "issued_at": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+    }
+    message = _canonical(body)
+    signatures = [k.sign(message) for k in (old, new, *others)]
+    return json.dumps({"rotation": body, "signatures": signatures}, sort_keys=True, indent=1).encode()
+
+
+def _canonical(data: Any) -> bytes:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def parse_rotation(raw: bytes) -> tuple[dict[str, Any], list[tuple[str, bytes]], PublicKey]:
+    """The statement's body, signatures and new key, checked for form only."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+        body, signatures = data["rotation"], parse_signatures(_canonical({"signatures": data["signatures"]}))
+        if body["format"] != ROTATION_FORMAT or not isinstance(body["from"], str):
+            raise ValueError(f"not an {ROTATION_FORMAT} statement")
+        parts = str(body["to"]).split(maxsplit=2)
+        raw_key = base64.b64decode(parts[1], validate=True) if parts[:1] == [PUBLIC_PREFIX] else b""
+        if len(raw_key) != 32:
+            raise ValueError("its new key is not an edgephi public key")
+        return body, signatures, PublicKey(raw_key, parts[2] if len(parts) > 2 else "")
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError, binascii.Error) as exc:
+        raise SignatureError(f"the key rotation statement is malformed: {exc}") from None
+    except BundleFormatError as exc:
+        raise SignatureError(f"the key rotation statement's signatures are malformed: {exc}") from None
+
+
 class TrustStore:
     """The public keys this device trusts, from one folder of ``*.pub`` files."""
 
@@ -224,10 +285,114 @@ class TrustStore:
         return doomed
 
     def add(self, public_key_file: Path) -> PublicKey:
-        key = load_public_key(public_key_file)
+        return self._add(load_public_key(public_key_file))
+
+    def _add(self, key: PublicKey) -> PublicKey:
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.folder / f"{key.key_id}.pub", key.to_text().encode())
         return key
+
+    # --- the policy: how many trusted keys must sign ---------------------------------
+
+    @property
+    def policy_file(self) -> Path:
+        return self.folder / "policy.json"
+
+    @property
+    def threshold(self) -> int:
+        """How many distinct trusted keys must sign a bundle or an index (default 1)."""
+        try:
+            raw = self.policy_file.read_bytes()
+        except FileNotFoundError:
+            return 1
+        except OSError as exc:
+            raise KeyFileError(f"cannot read the trust policy {self.policy_file}: {exc.strerror}") from None
+        try:
+            value = json.loads(raw)["threshold"]
+            if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SIGNATURES:
+                return value
+        except (ValueError, KeyError, TypeError):
+            pass
+        # Damaged: refuse everything rather than fall back to one signature.
+        raise KeyFileError(
+            f"the trust policy {self.policy_file} is damaged",
+            hint="set it again: edge-run trust threshold N",
+        )
+
+    def set_threshold(self, count: int) -> None:
+        have = len(self.keys())
+        if not 1 <= count <= have:
+            raise KeyFileError(
+                f"a threshold of {count} needs {count} trusted keys; this device trusts {have}",
+                hint=f"add the keys first (edge-run trust add KEY.pub), or choose 1 to {max(have, 1)}",
+            )
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.policy_file, json.dumps({"threshold": count}).encode() + b"\n")
+
+    # --- rotation ------------------------------------------------------------------
+
+    @property
+    def retired_folder(self) -> Path:
+        return self.folder / "retired"
+
+    def retired(self) -> dict[str, PublicKey]:
+        """Keys rotated out: no longer trusted, remembered so a replayed statement is known."""
+        out = {}
+        for path in sorted(self.retired_folder.glob("*.pub")) if self.retired_folder.is_dir() else []:
+            try:
+                key = load_public_key(path)
+            except KeyFileError:
+                continue
+            out[key.key_id] = key
+        return out
+
+    def check_rotation(self, raw: bytes) -> Rotation | None:
+        """The rotation ``raw`` states, if this device should take it: ``None`` when it is
+        not about a key trusted here (already taken, or another publisher's); raises when it
+        is, but is not properly signed."""
+        body, signatures, new = parse_rotation(raw)
+        trusted = self.keys()
+        old = body["from"]
+        if old not in trusted or new.key_id in trusted:
+            return None
+        message = _canonical(body)
+        claimed = tuple(kid for kid, _ in signatures)
+        signers = valid_signers(message, claimed, signatures, trusted)
+        if old not in signers:
+            raise SignatureError(f"the rotation of key {old} is not validly signed by that key")
+        if not valid_signers(message, claimed, signatures, {new.key_id: new}):
+            raise SignatureError(f"the rotation to key {new.key_id} is not signed by the new key itself")
+        if len(signers) < self.threshold:
+            raise SignatureError(
+                f"the rotation of key {old} is signed by {len(signers)} trusted key(s); "
+                f"this device's trust policy asks for {self.threshold}"
+            )
+        return Rotation(old, new, str(body["issued_at"]))
+
+    def rotate(self, rotation: Rotation) -> None:
+        """Trust ``rotation.new`` in place of ``rotation.old`` (new key written first)."""
+        self._add(rotation.new)
+        self.retired_folder.mkdir(parents=True, exist_ok=True)
+        for path, key in self._load():
+            if isinstance(key, PublicKey) and key.key_id == rotation.old:
+                os.replace(path, self.retired_folder / f"{rotation.old}.pub")
+
+
+def valid_signers(
+    message: bytes,
+    signed_by: tuple[str, ...],
+    signatures: list[tuple[str, bytes]],
+    trusted: dict[str, PublicKey],
+) -> list[str]:
+    """The distinct trusted keys with a valid signature over ``message`` that it claims."""
+    listed, found = set(signed_by), []
+    for kid, sig in signatures:
+        if kid not in listed or kid in found:
+            continue  # a signature the manifest does not claim is not evidence
+        key = trusted.get(kid)
+        if key is not None and key.verify(sig, message):
+            found.append(kid)
+    return found
 
 
 def verify_manifest(
@@ -235,15 +400,19 @@ def verify_manifest(
     signed_by: tuple[str, ...],
     signatures: list[tuple[str, bytes]],
     trusted: dict[str, PublicKey],
+    threshold: int = 1,
 ) -> str:
-    """Return the key id of a valid trusted signature over ``manifest_bytes``, else raise."""
-    listed = set(signed_by)
-    for kid, sig in signatures:
-        if kid not in listed:
-            continue  # a signature the manifest does not claim is not evidence
-        key = trusted.get(kid)
-        if key is not None and key.verify(sig, manifest_bytes):
-            return kid
+    """Return the key id of a valid trusted signature over ``manifest_bytes`` — with
+    ``threshold`` such signatures by distinct keys — else raise."""
+    found = valid_signers(manifest_bytes, signed_by, signatures, trusted)
+    if found and len(found) >= threshold:
+        return found[0]
+    if found:
+        raise SignatureError(
+            f"signed by {len(found)} trusted key(s) ({', '.join(found)}); "
+            f"this device's trust policy asks for {threshold}",
+            hint="have more of the trusted keys sign it (edge-pack sign --key A --key B)",
+        )
     if not any(kid in trusted for kid, _ in signatures):
         raise SignatureError(
             f"the bundle is signed by key(s) {', '.join(k for k, _ in signatures)}; "

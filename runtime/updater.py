@@ -25,6 +25,8 @@ Before step 9 the device runs the old model; after it, the new one — never a m
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -111,17 +113,26 @@ def update_lock(store: Store) -> Iterator[None]:
 
 
 def fetch_index(
-    channel_url: str, store: Store, pace: download.Pace = download.DEFAULT_PACE, until: float | None = None
+    channel_url: str,
+    store: Store,
+    pace: download.Pace = download.DEFAULT_PACE,
+    until: float | None = None,
+    say: Say = lambda _m: None,
 ) -> channel.ChannelIndex:
     """The channel's index, signed by a trusted key, unexpired, and not older than the newest
     index this device accepted from that channel: a replayed old index (validly signed and
-    not yet expired) would otherwise freeze the device at old versions until it expires."""
+    not yet expired) would otherwise freeze the device at old versions until it expires.
+
+    Key rotations the channel carries are taken first, so an index signed by the
+    publisher's new key is accepted by a device that trusted the old one."""
     until = pace.clock() if until is None else until
+    take_rotations(channel_url, store, pace, until, say)
     raw = download.fetch_bytes(
         download.join(channel_url, channel.INDEX), channel.MAX_INDEX_BYTES, pace, until
     )
     sig = download.fetch_optional(download.join(channel_url, channel.INDEX_SIG), 64 << 10, pace, until)
-    index = channel.verify_index(raw, sig, store.trust.keys())
+    trust = store.trust
+    index = channel.verify_index(raw, sig, trust.keys(), threshold=trust.threshold)
     seen = store.channel_seen(channel_url)
     if seen is not None and channel.parse_time(index.issued_at) < channel.parse_time(seen):
         raise ChannelError(
@@ -132,6 +143,31 @@ def fetch_index(
     if seen != index.issued_at:
         store.see_channel(channel_url, index.issued_at)
     return index
+
+
+def take_rotations(channel_url: str, store: Store, pace: download.Pace, until: float, say: Say) -> None:
+    """Take the channel's key rotations that hand over a key this device trusts, in chain
+    order. A statement about a key trusted here must be signed properly, or nothing is taken."""
+    raw = download.fetch_optional(
+        download.join(channel_url, channel.ROTATIONS), channel.MAX_ROTATIONS_BYTES, pace, until
+    )
+    if raw is None:
+        return
+    try:
+        statements = json.loads(raw.decode("utf-8"))["rotations"]
+        if not isinstance(statements, list):
+            raise TypeError("rotations is not a list")
+        encoded = [json.dumps(st).encode() for st in statements]
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise ChannelError(f"the channel's {channel.ROTATIONS} is malformed: {exc}") from None
+    trust = store.trust
+    for _ in range(len(encoded)):  # each pass takes one, or stops
+        # One at a time: the next statement may hand over the key this one brings.
+        rotation = next((r for r in map(trust.check_rotation, encoded) if r is not None), None)
+        if rotation is None:
+            return
+        trust.rotate(rotation)
+        say(f"trusting the publisher's new key {rotation.new.key_id} in place of {rotation.old}")
 
 
 def update(
@@ -151,7 +187,7 @@ def update(
     store = store or Store()
     with update_lock(store):
         until = pace.clock()
-        index = fetch_index(channel_url, store, pace, until)
+        index = fetch_index(channel_url, store, pace, until, say)
         names = [name] if name else sorted(n for n in index.releases if store.current(n) is not None)
         if not names:
             raise UpdateError(
@@ -204,7 +240,11 @@ def _update_one(
             f"the channel offers {name} {release.version}, below {highest}, "
             "the highest version this device has accepted"
         )
-    policy = bundle.TrustPolicy.from_store(store.trust)
+    # The trusted index pins the manifest (and a bundle) by sha256, so what a key rotated out
+    # since signed is still taken from it; a bundle given by hand is not.
+    trust = store.trust
+    policy = bundle.TrustPolicy.from_store(trust)
+    policy = dataclasses.replace(policy, trusted={**trust.retired(), **policy.trusted})
     manifest = _fetch_manifest(channel_url, release, policy, pace, until)
     if current is not None and current.manifest.digest == manifest.digest:
         # Also finishes an update killed between the switch and the commit.

@@ -329,6 +329,11 @@ CASES: dict[str, Craft] = {
     "genai_config filename outside bundle": genai(
         {**GENAI, "model": {**GENAI["model"], "decoder": {"filename": "../model.onnx"}}}
     ),
+    "chat template of 300 KB": signed({"chat_template.jinja": b"{{ 'x' }}" * 40000, **default_files()}),
+    "chat template not UTF-8": signed({"chat_template.jinja": b"{{ '\xff' }}", **default_files()}),
+    "chat template not a string": signed(
+        {**default_files(), "tokenizer_config.json": json.dumps({"chat_template": {"evil": 1}}).encode()}
+    ),
 }
 
 
@@ -393,6 +398,9 @@ REASONS = {
     "genai_config unknown session option": "not an allowed session option",
     "genai_config unknown provider": "unknown provider",
     "genai_config filename outside bundle": "not a plain path inside the bundle",
+    "chat template of 300 KB": "chat_template.jinja is 360000 characters, over the 262144 allowed",
+    "chat template not UTF-8": "chat_template.jinja is not UTF-8 text",
+    "chat template not a string": "tokenizer_config.json's chat_template is not a template",
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import resource
 import shutil
@@ -30,10 +31,12 @@ from edgephi.runtime.errors import (
     HealthCheckFailed,
     IncompatibleBundle,
     IntegrityError,
+    KeyFileError,
+    SignatureError,
     UpdateLocked,
 )
 from edgephi.runtime.options import GenerationOptions
-from edgephi.runtime.signing import SigningKey
+from edgephi.runtime.signing import SigningKey, make_rotation
 from edgephi.runtime.store import DISK_MARGIN, Store
 
 NAME = "phi35-tiny"
@@ -461,6 +464,125 @@ def test_a_failed_health_check_keeps_the_old_version(device: Store, channel, rel
     assert [m.manifest.version for m in device.installed(NAME)] == ["1.0.0"]
     out = edge_run(device, "update", server.url, NAME)
     assert out.returncode == 1 and "previous one kept" in out.stderr
+
+
+def edge_pack(*args: str) -> subprocess.CompletedProcess:  # type: ignore[type-arg]
+    exe = str(Path(sys.executable).with_name("edge-pack"))
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=300)
+
+
+def trusted_pub(key: SigningKey, folder: Path) -> Path:
+    path = folder / f"{key.key_id}.pub"
+    path.write_text(key.public.to_text())
+    return path
+
+
+def test_a_threshold_needs_that_many_trusted_signatures(
+    device: Store, channel, releases, key, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    folder, server = channel
+    second = SigningKey.generate()
+    device.trust.add(trusted_pub(second, tmp_path))
+    # More than the keys trusted, or a damaged policy: refused, nothing relaxed.
+    out = edge_run(device, "trust", "threshold", "3", "--store", str(device.root))
+    assert out.returncode == 1 and "needs 3 trusted keys; this device trusts 2" in out.stderr
+    out = edge_run(device, "trust", "threshold", "2", "--store", str(device.root))
+    assert out.returncode == 0, out.stderr
+    with pytest.raises(SignatureError, match=r"signed by 1 trusted key.*asks for 2"):
+        device.install(releases["1.0.0"])
+    both = writer.resign(releases["1.0.0"], tmp_path / "both.phi", [key, second])
+    assert device.install(tmp_path / "both.phi").manifest.digest == both.digest
+    # The index, too: one signature is not enough.
+    publish(tmp_path / "both.phi", folder, key)
+    with pytest.raises(ChannelError, match="asks for 2"):
+        updater.update(server.url, NAME, store=device)
+    write_index(folder, channel_releases(folder, key), [key, second], 30)
+    [result] = updater.update(server.url, NAME, store=device)
+    assert result.status == "updated" and device.current(NAME).manifest.version == "1.0.0"  # type: ignore[union-attr]
+    device.trust.policy_file.write_text("{")
+    with pytest.raises(KeyFileError, match=r"trust policy .* is damaged"):
+        device.install(releases["1.1.0"])
+
+
+def channel_releases(folder: Path, key: SigningKey) -> dict:  # type: ignore[type-arg]
+    from edgephi.runtime import channel as channel_format
+
+    raw = (folder / "index.json").read_bytes()
+    sig = (folder / "index.sig").read_bytes()
+    return dict(channel_format.verify_index(raw, sig, {key.key_id: key.public}).releases)
+
+
+def test_a_key_rotation_reaches_devices_through_the_channel(  # type: ignore[no-untyped-def]
+    device: Store, channel, releases, key, tmp_path: Path
+) -> None:
+    folder, server = channel
+    publish(releases["1.0.0"], folder, key)
+    updater.update(server.url, NAME, store=device)
+    # The publisher hands over to a new key with the real CLI, and publishes with it.
+    old_file, new_file = tmp_path / "publisher.key", tmp_path / "next.key"
+    key.save(old_file)
+    new = SigningKey.generate()
+    new.save(new_file)
+    out = edge_pack("rotate-key", str(folder), "--old", str(old_file), "--new", str(new_file))
+    assert out.returncode == 0, out.stderr
+    signed_by_new = tmp_path / "v2-new.phi"
+    writer.resign(releases["1.1.0"], signed_by_new, [new])
+    out = edge_pack("publish", str(signed_by_new), str(folder), "--key", str(new_file))
+    assert out.returncode == 0, out.stderr
+    # The device took the rotation on its own, then the release signed by the new key.
+    out = edge_run(device, "update", server.url, NAME)
+    assert out.returncode == 0, out.stderr
+    assert f"trusting the publisher's new key {new.key_id} in place of {key.key_id}" in out.stderr
+    assert set(device.trust.keys()) == {new.key_id} and set(device.trust.retired()) == {key.key_id}
+    runs(device, "1.1.0")
+    # The old key no longer vouches for a bundle given by hand (a stolen key is useless)...
+    with pytest.raises(SignatureError, match="trusts none of them"):
+        device.install(releases["1.2.0"])
+    # ...but the version installed under it still runs, by name, after a rollback.
+    assert edge_run(device, "rollback", NAME).returncode == 0
+    runs(device, "1.0.0")
+    # A second update finds the rotation already taken and nothing to do.
+    out = edge_run(device, "update", server.url, NAME, "--retry")
+    assert out.returncode == 0 and "trusting" not in out.stderr, out.stderr
+
+
+def forged(key: SigningKey, new: SigningKey, how: str) -> bytes:
+    statement = json.loads(make_rotation(key, new))
+    if how == "signed by the new key only":
+        statement["signatures"] = [s for s in statement["signatures"] if s["keyid"] == new.key_id]
+    elif how == "without the new key's signature":
+        statement["signatures"] = [s for s in statement["signatures"] if s["keyid"] == key.key_id]
+    elif how == "its new key swapped after signing":
+        statement["rotation"]["to"] = SigningKey.generate().public.to_text().strip()
+    return json.dumps(statement).encode()
+
+
+FORGERIES = {
+    "signed by the new key only": "not validly signed by that key",
+    "without the new key's signature": "not signed by the new key itself",
+    "its new key swapped after signing": "not validly signed by that key",
+}
+
+
+@pytest.mark.parametrize("how", list(FORGERIES))
+def test_a_forged_rotation_changes_nothing(
+    device: Store, channel, releases, key, how: str, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    folder, server = channel
+    publish(releases["1.0.0"], folder, key)
+    attacker = SigningKey.generate()
+    (folder / "keys").mkdir()
+    (folder / "keys" / "rotations.json").write_text(
+        json.dumps({"rotations": [json.loads(forged(key, attacker, how))]})
+    )
+    with pytest.raises(SignatureError, match=FORGERIES[how]):
+        updater.update(server.url, NAME, store=device)
+    statement = tmp_path / "rotation.json"
+    statement.write_bytes(forged(key, attacker, how))
+    out = edge_run(device, "trust", "rotate", str(statement), "--store", str(device.root))
+    assert out.returncode == 1 and FORGERIES[how] in out.stderr
+    assert set(device.trust.keys()) == {key.key_id} and not device.trust.retired()
+    assert device.current(NAME) is None
 
 
 def test_one_updater_at_a_time(device: Store, channel, releases, key) -> None:  # type: ignore[no-untyped-def]
