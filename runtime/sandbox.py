@@ -208,11 +208,7 @@ class Worker:
             try:
                 # Only its pipes: a lock file of the parent's (the update lock, a model's
                 # in-use lock) must not stay locked for as long as the worker lives.
-                low = 3
-                for fd in sorted((job_read, answer_write)):
-                    os.closerange(low, fd)
-                    low = fd + 1
-                os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+                _close_all_but(job_read, answer_write)
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent
                 _child_setup(hook, born, memory)
                 while True:
@@ -275,6 +271,19 @@ class Worker:
             return f"a crash, signal {os.WTERMSIG(status)}"
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         return "a fatal error in native code" if code == EXITED else "it ended"
+
+
+def _close_all_but(*keep: int) -> None:
+    """Close every descriptor above stderr but ``keep`` (those open, where /proc lists them:
+    a loop to the descriptor limit is a million system calls under an emulator)."""
+    try:
+        open_fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        open_fds = list(range(3, os.sysconf("SC_OPEN_MAX")))
+    for fd in open_fds:
+        if fd > 2 and fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _write_frame(fd: int, data: bytes) -> None:
