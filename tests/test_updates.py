@@ -466,6 +466,34 @@ def test_a_failed_health_check_keeps_the_old_version(device: Store, channel, rel
     assert out.returncode == 1 and "previous one kept" in out.stderr
 
 
+def test_a_release_whose_template_hangs_fails_its_health_check_in_seconds(  # type: ignore[no-untyped-def]
+    device: Store, channel, releases, key, tmp_path: Path
+) -> None:
+    """The health check renders the new release's template while holding the update lock:
+    an endless one is stopped by the sandbox's deadline, and the old version stays."""
+    folder, server = channel
+    publish(releases["1.0.0"], folder, key)
+    updater.update(server.url, NAME, store=device)
+
+    def endless(model: Path) -> None:
+        (model / "chat_template.jinja").unlink(missing_ok=True)
+        config = model / "tokenizer_config.json"
+        data = json.loads(config.read_text())
+        data["chat_template"] = (
+            "{% for a in range(99999) %}{% for b in range(99999) %}{% endfor %}{% endfor %}"
+        )
+        config.write_text(json.dumps(data))
+
+    publish(derive(releases["1.0.0"], tmp_path / "hangs.phi", "1.1.0", key, endless), folder, key)
+    start = time.monotonic()
+    with pytest.raises(
+        HealthCheckFailed, match=r"1\.1\.0 does not run: the model's chat template was stopped"
+    ):
+        updater.update(server.url, NAME, store=device)
+    assert time.monotonic() - start < 60
+    runs(device, "1.0.0")
+
+
 def edge_pack(*args: str) -> subprocess.CompletedProcess:  # type: ignore[type-arg]
     exe = str(Path(sys.executable).with_name("edge-pack"))
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=300)
