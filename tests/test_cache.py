@@ -1,9 +1,16 @@
 """The KV cache outlives the answer: reuse is never wrong, and it really is reuse.
 
-Every equality here compares an answer taken from a session's cache with the answer of a
+Every check here compares an answer taken from a session's cache with the answer of a
 fresh generator (a new ``Session``) on the same prompt, greedy, token for token — after
 settling and without, after an interrupted answer, after the context overflowed, with
 options that change per answer, through the chat, the Python API and the server.
+
+Token for token, up to a tie (``as_fresh``): the cache prefills only what is new, a fresh
+generator the whole prompt, and the INT4 kernels quantize activations to int8 per block,
+so the two round differently and a score moves by a few tenths (0.23 seen on an AVX2
+EPYC, none on the CPUs this was written on). Where the two answers part, the cached
+token must score within ``TIE`` of the fresh generator's best: a wrong cache (a stale or
+shifted position) parts at once and by whole units.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import openai
 import pytest
 from conftest import serving
@@ -21,11 +29,13 @@ from edgephi.runtime import load
 from edgephi.runtime.chat import Conversation
 from edgephi.runtime.engine import Engine
 from edgephi.runtime.options import GenerationOptions
+from edgephi.runtime.sampling import Penalties, penalize
 from edgephi.runtime.server import ModelServer
 from edgephi.runtime.session import Session
 from edgephi.runtime.store import Store
 
 GREEDY = GenerationOptions(max_tokens=24, temperature=0.0)
+TIE = 0.5
 QUESTIONS = [
     "What is the capital of France? Tell me about it.",
     "And the capital of Germany? What is it known for?",
@@ -45,6 +55,40 @@ def fresh(engine: Engine, prompt: str, options: GenerationOptions) -> str:
         session.reset()
 
 
+def as_fresh(engine: Engine, prompt: str, options: GenerationOptions, answer: str) -> bool:
+    """Whether ``answer`` (from a cache) is the greedy answer of a fresh generator: equal,
+    or parting from it only where the fresh generator's scores were a tie (within ``TIE``,
+    after the same penalties og applies)."""
+    expected = fresh(engine, prompt, options)
+    if answer == expected:
+        return True
+    steps: list[tuple[list[int], np.ndarray]] = []
+
+    def watch(ids: list[int], logits: np.ndarray) -> np.ndarray:
+        steps.append((list(ids), np.asarray(logits, dtype=np.float32).reshape(-1).copy()))
+        return logits
+
+    session = Session(engine)
+    try:
+        watched = "".join(engine.stream_prompt(prompt, options, session=session, logits_hook=watch))
+    finally:
+        session.reset()
+    assert watched == expected  # the hook only watches
+
+    def text(ids: list[int]) -> str:
+        return str(engine._tokenizer.decode(np.array(ids, dtype=np.int32))) if ids else ""
+
+    # The last step whose text so far the cached answer still shares is where they parted.
+    ids, logits = next((step for step in reversed(steps) if answer.startswith(text(step[0]))), steps[0])
+    chosen = int(engine._tokenizer.encode(answer[len(text(ids)) :])[0])
+    prompt_ids = [int(t) for t in engine._tokenizer.encode(prompt)]
+    penalties = Penalties.resolve(options, engine.search_defaults)
+    scores = penalize(logits, prompt_ids + ids, len(ids), penalties, engine.eos_ids)
+    gap = float(scores.max() - scores[chosen])
+    print(f"cached and fresh answers part at a tie {gap:.3f} wide: {answer!r} / {expected!r}")
+    return gap < TIE
+
+
 def chat_matches_fresh(engine: Engine, options: GenerationOptions, settle: list[bool]) -> list[int]:
     """Chat one turn per ``settle`` entry; each answer must equal a fresh generator's. Returns
     the cached prompt tokens of each turn."""
@@ -57,7 +101,7 @@ def chat_matches_fresh(engine: Engine, options: GenerationOptions, settle: list[
         assert stats is not None
         cached.append(stats.cached_tokens)
         prompt = engine.format_prompt(chat._all()[0][:-1])  # the prompt that answer came from
-        assert answer == fresh(engine, prompt, options), f"turn {len(cached)} differs"
+        assert as_fresh(engine, prompt, options, answer), f"turn {len(cached)} differs"
         if settle_now:
             chat.settle()
     return cached
@@ -71,6 +115,13 @@ def test_chat_from_the_cache_answers_as_a_fresh_generator(model: str, request: p
     # Each later turn reuses at least the system prompt and the first question.
     assert all(c > 40 for c in cached[1:]), cached
     assert cached[2] > cached[1] and cached[4] > cached[3], cached
+
+
+def test_an_answer_to_another_prompt_is_not_taken_for_a_tie(smol: Engine) -> None:
+    # What a wrong cache gives — the answer to other positions — fails the check.
+    first, second = (smol.format_prompt([{"role": "user", "content": q}]) for q in QUESTIONS[:2])
+    assert as_fresh(smol, first, GREEDY, fresh(smol, first, GREEDY))
+    assert not as_fresh(smol, first, GREEDY, fresh(smol, second, GREEDY))
 
 
 def test_settling_takes_in_the_answer(smol: Engine) -> None:
@@ -99,7 +150,7 @@ def test_background_settle_yields_to_the_next_answer(smol: Engine) -> None:
     # Asked at once: the settle stops after its chunk, and the answer is still exact.
     answer = "".join(chat.ask(QUESTIONS[1], GREEDY))
     prompt = smol.format_prompt(chat._all()[0][:-1])
-    assert answer == fresh(smol, prompt, GREEDY)
+    assert as_fresh(smol, prompt, GREEDY, answer)
     smol.session.wait()
 
 
@@ -115,7 +166,7 @@ def test_an_interrupted_answer_leaves_the_cache_consistent(smol: Engine) -> None
     answer = "".join(chat.ask(QUESTIONS[1], GREEDY))
     prompt = smol.format_prompt(chat._all()[0][:-1])
     assert smol.last_stats.cached_tokens > 0
-    assert answer == fresh(smol, prompt, GREEDY)
+    assert as_fresh(smol, prompt, GREEDY, answer)
 
 
 def test_options_that_change_per_answer_keep_the_cache(smol: Engine) -> None:
@@ -138,7 +189,10 @@ def test_options_that_change_per_answer_keep_the_cache(smol: Engine) -> None:
         stats = smol.last_stats
         assert stats is not None and stats.cache_note == "", options
         assert stats.cached_tokens == n - 2, options  # all but the two tokens always appended
-        assert text == fresh(smol, prompt, options), options
+        if options.temperature == 0.0:
+            assert as_fresh(smol, prompt, options, text), options
+        else:  # sampled: the same seed draws the same tokens
+            assert text == fresh(smol, prompt, options), options
     # A seed reproduces a sampled answer on the live generator too.
     assert "".join(smol.stream_prompt(prompt, sampled)) == "".join(smol.stream_prompt(prompt, sampled))
     # And it does sample: other seeds, other answers (deterministic: the seeds are fixed).
@@ -195,7 +249,7 @@ def test_overflow_drops_half_the_history_and_keeps_the_system_prompt_cached(phi3
         stats = engine.last_stats
         assert stats is not None and stats.prompt_tokens + 12 <= 256
         prompt = engine.format_prompt(chat._all()[0][:-1])
-        assert answer == fresh(engine, prompt, opts), f"turn {i}"
+        assert as_fresh(engine, prompt, opts, answer), f"turn {i}"
         if chat.dropped > before:
             drops += 1
             cached_after_drop.append(stats.cached_tokens)
@@ -237,7 +291,7 @@ def test_server_slots_reuse_resent_history_and_answer_as_fresh(
             assert out.usage is not None and out.usage.prompt_tokens_details is not None
             cached[c].append(out.usage.prompt_tokens_details.cached_tokens or 0)
             with server._gate:  # the reference runs where no request can interleave
-                assert text == fresh(smol, smol.format_prompt(history), GenerationOptions(16, 0.0))
+                assert as_fresh(smol, smol.format_prompt(history), GenerationOptions(16, 0.0), text)
             history.append({"role": "assistant", "content": text})
     # Each client found its own slot again: its whole previous exchange was cached.
     for c in range(2):
@@ -271,9 +325,8 @@ def test_server_stream_cut_by_the_client_keeps_the_slot_consistent(
     assert out.usage is not None and out.usage.prompt_tokens_details is not None
     assert (out.usage.prompt_tokens_details.cached_tokens or 0) > 20
     with server._gate:
-        assert out.choices[0].message.content == fresh(
-            smol, smol.format_prompt(history), GenerationOptions(16, 0.0)
-        )
+        answer = out.choices[0].message.content or ""
+        assert as_fresh(smol, smol.format_prompt(history), GenerationOptions(16, 0.0), answer)
 
 
 def test_phi3_long_rope_positions_are_never_mixed(phi3_bundle: Path, tmp_path: Path) -> None:
@@ -293,7 +346,7 @@ def test_phi3_long_rope_positions_are_never_mixed(phi3_bundle: Path, tmp_path: P
         text = "".join(engine.stream_prompt(prompt(repeats), opts))
         stats = engine.last_stats
         assert stats is not None and (stats.cached_tokens > 3000) == reused, (repeats, stats)
-        assert text == fresh(engine, prompt(repeats), opts), repeats
+        assert as_fresh(engine, prompt(repeats), opts, text), repeats
         engine.session.settle()
     # An answer that crosses the switch while decoding keeps nothing, and settling does not
     # mix the factors either: the next prompt is computed whole, and still answers the same.
@@ -303,7 +356,7 @@ def test_phi3_long_rope_positions_are_never_mixed(phi3_bundle: Path, tmp_path: P
     assert engine.session.cached_ids == () and engine.session.settle() == 0
     text = "".join(engine.stream_prompt(prompt(edge + 2), opts))
     assert engine.last_stats is not None and engine.last_stats.cached_tokens == 0
-    assert text == fresh(engine, prompt(edge + 2), opts)
+    assert as_fresh(engine, prompt(edge + 2), opts, text)
 
 
 def test_serve_refuses_more_slots_than_memory_holds(smollm2_bundle: Path) -> None:
