@@ -19,7 +19,8 @@ of some unrelated onnxruntime object would wait on threads the child does not ha
 the exit hook it needs is made in the parent, so the child neither ``dlopen``s nor builds a
 ctypes closure (both take process-wide locks another thread may have held at the fork). A
 child that still hangs — a lock inherited from some other library's thread — is killed
-after a deadline sized to its picture and tried once more before the picture is refused.
+after its deadline (for a picture, sized to it) and tried once more before giving up. The
+chat templates go to a ``Worker``: one child kept for them, forked when the model loads.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from functools import cache
 from typing import Any
 
 Arrays = dict[str, Any]  # name -> numpy array
@@ -61,7 +61,7 @@ def available() -> bool:
     return hasattr(os, "fork")
 
 
-@cache
+@functools.cache
 def _exit_hook() -> tuple[Any, Any] | None:
     """``(__cxa_atexit, callback)``: registering ``callback`` in a (forked) process makes C
     ``exit()`` end it at once with ``EXITED``, skipping the atexit handlers.
@@ -242,6 +242,8 @@ class Worker:
             except _Hung:
                 self._end()
                 raise ChildDied(f"no result within {timeout:.0f} s") from None
+            except OSError:  # the pipe broke: the worker is gone
+                raise ChildDied(self._end()) from None
             except BaseException:
                 self._end()
                 raise
