@@ -23,8 +23,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from edgephi.core.errors import BuildError, ConfigError, DependencyMissing
 from edgephi.packager import builder
-from edgephi.runtime.errors import BuildError, ConfigError, DependencyMissing
 
 ADAPTER_DIR = "adapters"
 SUFFIX = ".onnx_adapter"

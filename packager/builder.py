@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgephi.runtime.errors import BuilderFailed, BuildError, DependencyMissing
+from edgephi.core.errors import BuilderFailed, BuildError, DependencyMissing
 from edgephi.targets import ExecutionProvider, Precision
 
 BUILDER_MODULE = "onnxruntime_genai.models.builder"

@@ -22,9 +22,9 @@ from typing import Annotated, Any
 
 import typer
 from edgephi import targets
+from edgephi.core.errors import ConfigError
 from edgephi.packager.config import BuildConfig
 from edgephi.runtime import bundle, console, signing
-from edgephi.runtime.errors import ConfigError
 from edgephi.targets import ModelFormat, Precision
 
 PROG = "edge-pack"

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgephi.core.errors import ConfigError
 from edgephi.runtime.bundle import SUFFIX
-from edgephi.runtime.errors import ConfigError
 from edgephi.runtime.manifest import is_valid_name, is_valid_version
 from edgephi.targets import ExecutionProvider, ModelFormat, Precision, Target
 from edgephi.targets.profile import VISION_PRECISIONS

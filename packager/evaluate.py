@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from edgephi.runtime.errors import ConfigError, SourceNotFound
+from edgephi.core.errors import ConfigError, SourceNotFound
 
 DEFAULT_TEXTS = (
     Path("/usr/share/common-licenses/GPL-3"),

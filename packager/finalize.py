@@ -13,11 +13,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from edgephi.core.errors import BuildError
+from edgephi.core.fsutil import sha256_file
 from edgephi.packager.vision import VisionSpec
 from edgephi.runtime import images
 from edgephi.runtime.bundle import MANIFEST_MEMBER
-from edgephi.runtime.errors import BuildError
-from edgephi.runtime.fsutil import sha256_file
 from edgephi.runtime.manifest import FileEntry, check_member_path
 from edgephi.runtime.memory import WEIGHT_SUFFIXES
 from edgephi.targets import Precision

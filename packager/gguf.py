@@ -18,8 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from edgephi.core.errors import DependencyMissing, NotAModel, UnsupportedArchitecture
 from edgephi.packager.sources import check_architecture
-from edgephi.runtime.errors import DependencyMissing, NotAModel, UnsupportedArchitecture
 
 # End-of-turn markers of common chat templates.
 TURN_END_TOKENS = ("<|end|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>")

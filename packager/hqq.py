@@ -21,9 +21,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from edgephi.core.errors import BuildError
 from edgephi.packager.embedding import embedding_gather
 from edgephi.packager.optimize import decoder_file, save_decoder
-from edgephi.runtime.errors import BuildError
 
 BITS = 4
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgephi.runtime.errors import BuildError, DependencyMissing
+from edgephi.core.errors import BuildError, DependencyMissing
 from edgephi.targets import ModelFormat
 
 OPS_CONFIG = "required_operators.config"

@@ -38,11 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgephi.core.errors import BuilderFailed, BuildError
+from edgephi.core.fsutil import remove_tree
 from edgephi.packager import adapters, builder, finalize, optimize, sources, validate, vision, writer
 from edgephi.packager.config import QUANT_RECIPES, BuildConfig
 from edgephi.runtime.bundle import MIN_RUNTIME
-from edgephi.runtime.errors import BuilderFailed, BuildError
-from edgephi.runtime.fsutil import remove_tree
 from edgephi.runtime.manifest import Manifest
 from edgephi.runtime.signing import SigningKey
 from edgephi.targets import ExecutionProvider, KVCache, Precision

@@ -25,9 +25,9 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from edgephi.core.errors import ChannelError, ConfigError
+from edgephi.core.fsutil import atomic_output, atomic_write_bytes, sha256_file
 from edgephi.runtime import bundle, channel
-from edgephi.runtime.errors import ChannelError, ConfigError
-from edgephi.runtime.fsutil import atomic_output, atomic_write_bytes, sha256_file
 from edgephi.runtime.manifest import version_key
 from edgephi.runtime.signing import SigningKey, encode_signatures, make_rotation
 

@@ -20,15 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgephi.packager.builder import SUPPORTED_ARCHITECTURES
-from edgephi.runtime.bundle import GGUF_MAGIC
-from edgephi.runtime.errors import (
+from edgephi.core.errors import (
     DependencyMissing,
     NotAModel,
     SourceError,
     SourceNotFound,
     UnsupportedArchitecture,
 )
+from edgephi.packager.builder import SUPPORTED_ARCHITECTURES
+from edgephi.runtime.bundle import GGUF_MAGIC
 
 _HF_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from edgephi.core.errors import BuildError, EdgeError
 from edgephi.runtime import images
 from edgephi.runtime.engine import Engine
-from edgephi.runtime.errors import BuildError, EdgeError
 from edgephi.runtime.options import GenerationOptions
 
 HEALTH_PROMPT = "Hello"

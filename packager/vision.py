@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgephi.runtime.errors import BuildError, NotAModel
+from edgephi.core.errors import BuildError, NotAModel
 
 ARCHITECTURE = "Phi3VForCausalLM"
 PREFIX = "model.vision_embed_tokens."

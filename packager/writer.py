@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
+from edgephi.core.fsutil import atomic_output
 from edgephi.runtime import bundle, modelcheck
-from edgephi.runtime.fsutil import atomic_output
 from edgephi.runtime.manifest import Manifest
 from edgephi.runtime.signing import SigningKey, encode_signatures
 

@@ -9,8 +9,8 @@ transformers, onnx and the packager are never imported from here.
         print(chunk, end="")
 """
 
+from edgephi.core.errors import EdgeError
 from edgephi.runtime.__about__ import VERSION
-from edgephi.runtime.errors import EdgeError
 from edgephi.runtime.loader import install, load
 from edgephi.runtime.options import GenerationOptions
 

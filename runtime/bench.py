@@ -16,8 +16,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from edgephi.core.errors import ConfigError
 from edgephi.runtime.engine import Engine
-from edgephi.runtime.errors import ConfigError
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.session import Session
 

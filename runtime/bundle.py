@@ -33,14 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from edgephi.runtime import signing
-from edgephi.runtime.errors import (
+from edgephi.core.errors import (
     BundleFormatError,
     BundleNotFound,
     EdgeError,
     IntegrityError,
     SignatureError,
 )
+from edgephi.runtime import signing
 from edgephi.runtime.manifest import MAX_FILES, Manifest, check_member_path, is_canonical
 
 MANIFEST_MEMBER = "manifest.json"

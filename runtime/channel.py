@@ -34,9 +34,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from edgephi.core.errors import ChannelError, EdgeError
 from edgephi.runtime import signing
 from edgephi.runtime.bundle import claimed_signers
-from edgephi.runtime.errors import ChannelError, EdgeError
 from edgephi.runtime.manifest import canonical_json, check_member_path, is_valid_name, is_valid_version
 
 INDEX = "index.json"

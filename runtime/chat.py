@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from edgephi.core.errors import ContextOverflow
 from edgephi.runtime.engine import Engine, Message, image_tag
-from edgephi.runtime.errors import ContextOverflow
 from edgephi.runtime.images import Image
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.session import Session

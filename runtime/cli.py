@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from edgephi.core.errors import BundleNotFound, ConfigError, EdgeError, IntegrityError, KeyFileError
 from edgephi.runtime import console, loader, memory
 from edgephi.runtime.chat import Conversation
 from edgephi.runtime.engine import Engine
-from edgephi.runtime.errors import BundleNotFound, ConfigError, EdgeError, IntegrityError, KeyFileError
 from edgephi.runtime.images import Image, image_tokens, load_image
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.session import Session

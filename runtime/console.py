@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from edgephi.runtime.errors import ConfigError, EdgeError
+from edgephi.core.errors import ConfigError, EdgeError
 
 
 def debug_enabled() -> bool:

@@ -29,8 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgephi.runtime.errors import DownloadError, IntegrityError
-from edgephi.runtime.fsutil import sha256_file
+from edgephi.core.errors import DownloadError, IntegrityError
+from edgephi.core.fsutil import sha256_file
 
 _CHUNK = 1 << 16
 TIMEOUT_S = 60

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgephi.core.errors import BadImage, ConfigError, ContextOverflow, GenerationError, TemplateError
 from edgephi.runtime import sandbox, tools
-from edgephi.runtime.errors import BadImage, ConfigError, ContextOverflow, GenerationError, TemplateError
 from edgephi.runtime.genai import default_threads, og, open_model
 from edgephi.runtime.images import Image, load_image
 from edgephi.runtime.options import GenerationOptions

@@ -24,7 +24,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgephi.runtime.errors import BadImage
+from edgephi.core.errors import BadImage
 
 CROP = 336
 MAX_CROPS = 16

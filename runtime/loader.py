@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edgephi.core.errors import BundleNotFound, ConfigError, IncompatibleBundle, NotAModel
 from edgephi.runtime import __about__, memory
 from edgephi.runtime.bundle import TrustPolicy, open_bundle
 from edgephi.runtime.device import ARCH_ALIASES, machine_arch
 from edgephi.runtime.engine import Engine
-from edgephi.runtime.errors import BundleNotFound, ConfigError, IncompatibleBundle, NotAModel
 from edgephi.runtime.genai import default_threads
 from edgephi.runtime.manifest import Manifest, is_valid_name, is_valid_version, version_key
 from edgephi.runtime.store import InstalledModel, InUse, Store

@@ -41,7 +41,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgephi.runtime.errors import BundleFormatError, UnsupportedFormatVersion
+from edgephi.core.errors import BundleFormatError, UnsupportedFormatVersion
 
 FORMAT = "edgephi-bundle"
 FORMAT_VERSION = (1, 0)

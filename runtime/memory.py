@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgephi.runtime.errors import BundleFormatError, ConfigError, InsufficientMemory
+from edgephi.core.errors import BundleFormatError, ConfigError, InsufficientMemory
 from edgephi.runtime.images import image_tokens, max_image_tokens
 from edgephi.runtime.manifest import Manifest
 

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from edgephi.runtime.errors import UnsafeBundle
+from edgephi.core.errors import UnsafeBundle
 from edgephi.runtime.manifest import check_member_path
 
 SESSION_OPTIONS_ALLOWED = frozenset(

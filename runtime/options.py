@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from edgephi.runtime.errors import ConfigError
+from edgephi.core.errors import ConfigError
 
 MAX_STOP_STRINGS = 8
 

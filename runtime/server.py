@@ -53,9 +53,9 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from edgephi.core.errors import BadImage, ConfigError, ContextOverflow, EdgeError, TemplateError
 from edgephi.runtime import tools
 from edgephi.runtime.engine import IMAGE_TAG, Engine, Message, image_tag
-from edgephi.runtime.errors import BadImage, ConfigError, ContextOverflow, EdgeError, TemplateError
 from edgephi.runtime.images import Image, load_image
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.session import Session, Stats, pick

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from edgephi.runtime.errors import ConfigError, EdgeError, GenerationError
+from edgephi.core.errors import ConfigError, EdgeError, GenerationError
 from edgephi.runtime.genai import og
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.sampling import NEUTRAL, Penalties, Sampler, forced, penalize

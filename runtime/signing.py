@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgephi.runtime.errors import BundleFormatError, KeyFileError, SignatureError
-from edgephi.runtime.fsutil import atomic_write_bytes
+from edgephi.core.errors import BundleFormatError, KeyFileError, SignatureError
+from edgephi.core.fsutil import atomic_write_bytes
 
 ALGORITHM = "ed25519"
 PUBLIC_PREFIX = "edgephi-ed25519"

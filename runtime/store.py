@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgephi.core.errors import BundleFormatError, EdgeError, StoreError
+from edgephi.core.fsutil import atomic_write_bytes, fsync_dir, remove_tree, sha256_file
 from edgephi.runtime import bundle, memory, modelcheck
-from edgephi.runtime.errors import BundleFormatError, EdgeError, StoreError
-from edgephi.runtime.fsutil import atomic_write_bytes, fsync_dir, remove_tree, sha256_file
 from edgephi.runtime.manifest import Manifest, is_valid_version, version_key
 from edgephi.runtime.signing import TrustStore
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgephi.runtime.errors import ConfigError
+from edgephi.core.errors import ConfigError
 
 MAX_TOOLS = 64
 _FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names

@@ -34,9 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgephi.runtime import bundle, channel, download
-from edgephi.runtime.engine import Engine
-from edgephi.runtime.errors import (
+from edgephi.core.errors import (
     ChannelError,
     DowngradeRefused,
     EdgeError,
@@ -46,7 +44,9 @@ from edgephi.runtime.errors import (
     UpdateError,
     UpdateLocked,
 )
-from edgephi.runtime.fsutil import remove_tree
+from edgephi.core.fsutil import remove_tree
+from edgephi.runtime import bundle, channel, download
+from edgephi.runtime.engine import Engine
 from edgephi.runtime.manifest import Manifest, version_key
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.store import InstalledModel, Store

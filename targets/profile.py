@@ -11,7 +11,7 @@ import enum
 from dataclasses import dataclass, fields
 from typing import Any
 
-from edgephi.runtime.errors import ConfigError
+from edgephi.core.errors import ConfigError
 
 
 class Precision(str, enum.Enum):

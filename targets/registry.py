@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from edgephi.runtime.errors import ConfigError, UnknownTarget
+from edgephi.core.errors import ConfigError, UnknownTarget
 from edgephi.targets.profile import Target
 
 _BUILTIN_DIR = Path(__file__).with_name("profiles")

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import tiny
 from conftest import serving
+from edgephi.core.errors import ConfigError
 from edgephi.packager.cli import app as pack_app
 from edgephi.runtime import load
 from edgephi.runtime.engine import Engine
-from edgephi.runtime.errors import ConfigError
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.session import ADAPTER_NOTE
 from edgephi.runtime.store import Store

@@ -7,9 +7,9 @@ import math
 from pathlib import Path
 
 import pytest
+from edgephi.core.errors import ConfigError
 from edgephi.runtime import bench, load
 from edgephi.runtime.cli import app as run_app
-from edgephi.runtime.errors import ConfigError
 from edgephi.runtime.store import Store
 from typer.testing import CliRunner
 

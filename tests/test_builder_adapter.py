@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from edgephi.core.errors import BuildError
 from edgephi.packager import builder
-from edgephi.runtime.errors import BuildError
 from edgephi.targets import ExecutionProvider, Precision
 
 

@@ -12,15 +12,15 @@ from bundlekit import (
     canonical,
     onnx_with_external_data,
 )
-from edgephi.packager import finalize, writer
-from edgephi.runtime import bundle
-from edgephi.runtime.errors import (
+from edgephi.core.errors import (
     BundleFormatError,
     BundleNotFound,
     IntegrityError,
     TamperError,
     UnsupportedFormatVersion,
 )
+from edgephi.packager import finalize, writer
+from edgephi.runtime import bundle
 from edgephi.runtime.manifest import Manifest
 from edgephi.runtime.store import Store
 

@@ -19,9 +19,9 @@ import bundlekit
 import pytest
 import tiny
 from conftest import build_bundle, start_serve
+from edgephi.core.errors import StoreError
 from edgephi.packager.cli import app as pack_app
 from edgephi.runtime.cli import app as run_app
-from edgephi.runtime.errors import StoreError
 from edgephi.runtime.store import InUse, Store
 from typer.testing import CliRunner
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime_genai as og
 import pytest
+from edgephi.core.errors import ConfigError
 from edgephi.runtime.engine import Engine
-from edgephi.runtime.errors import ConfigError
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.session import StopMatcher
 

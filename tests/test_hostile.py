@@ -28,8 +28,8 @@ from bundlekit import (
     onnx_with_external_data,
     set_central_flags,
 )
+from edgephi.core.errors import BundleError
 from edgephi.runtime import load
-from edgephi.runtime.errors import BundleError
 from edgephi.runtime.manifest import MAX_FILES
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.signing import SigningKey, encode_signatures

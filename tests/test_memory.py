@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 from conftest import edge_run_peak
+from edgephi.core.errors import ConfigError, InsufficientMemory
 from edgephi.runtime import bundle, load, memory
 from edgephi.runtime.chat import Conversation
-from edgephi.runtime.errors import ConfigError, InsufficientMemory
 from edgephi.runtime.loader import plan as plan_for
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.store import Store

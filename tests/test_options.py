@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import pytest
-from edgephi.runtime.errors import ConfigError
+from edgephi.core.errors import ConfigError
 from edgephi.runtime.options import GenerationOptions
 
 

@@ -15,11 +15,11 @@ import onnxruntime_genai as og
 import pytest
 import tiny
 from conftest import build_bundle
+from edgephi.core.errors import ContextOverflow
 from edgephi.packager.cli import app as pack_app
 from edgephi.runtime import load
 from edgephi.runtime.chat import Conversation
 from edgephi.runtime.cli import app as run_app
-from edgephi.runtime.errors import ContextOverflow
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.store import Store
 from typer.testing import CliRunner

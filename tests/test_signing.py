@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 from bundlekit import canonical, craft, default_files, good_bundle, manifest_for, members_for
-from edgephi.packager import writer
-from edgephi.packager.cli import app as pack_app
-from edgephi.runtime import bundle
-from edgephi.runtime.cli import app as run_app
-from edgephi.runtime.errors import (
+from edgephi.core.errors import (
     BundleFormatError,
     IntegrityError,
     KeyFileError,
     SignatureError,
     TamperError,
 )
+from edgephi.packager import writer
+from edgephi.packager.cli import app as pack_app
+from edgephi.runtime import bundle
+from edgephi.runtime.cli import app as run_app
 from edgephi.runtime.signing import SigningKey, TrustStore, encode_signatures, load_public_key
 from edgephi.runtime.store import Store
 from typer.testing import CliRunner

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import tiny
+from edgephi.core.errors import NotAModel, SourceNotFound, UnsupportedArchitecture
 from edgephi.packager import sources
 from edgephi.packager.builder import ExportRequest
 from edgephi.packager.cli import main as edge_pack
-from edgephi.runtime.errors import NotAModel, SourceNotFound, UnsupportedArchitecture
 from edgephi.targets import ExecutionProvider, Precision
 
 

@@ -7,9 +7,9 @@ import zipfile
 
 import pytest
 from edgephi import targets
+from edgephi.core.errors import IncompatibleBundle
 from edgephi.runtime import load
 from edgephi.runtime.device import machine_arch
-from edgephi.runtime.errors import IncompatibleBundle
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.store import Store
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 from edgephi import targets
-from edgephi.runtime.errors import ConfigError, UnknownTarget
+from edgephi.core.errors import ConfigError, UnknownTarget
 from edgephi.targets import ExecutionProvider, Precision, Target, registry
 
 

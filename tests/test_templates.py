@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 from conftest import serving
+from edgephi.core.errors import TemplateError
 from edgephi.runtime import sandbox
 from edgephi.runtime.engine import Engine
-from edgephi.runtime.errors import TemplateError
 from edgephi.runtime.store import Store
 
 pytestmark = pytest.mark.skipif(not sandbox.available(), reason="the template sandbox needs fork()")

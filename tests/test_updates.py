@@ -21,10 +21,7 @@ from pathlib import Path
 
 import pytest
 from channel_server import ChannelServer, serve
-from edgephi.packager import finalize, writer
-from edgephi.packager.publish import publish, write_index
-from edgephi.runtime import bundle, download, load, updater
-from edgephi.runtime.errors import (
+from edgephi.core.errors import (
     ChannelError,
     DowngradeRefused,
     DownloadError,
@@ -35,6 +32,9 @@ from edgephi.runtime.errors import (
     SignatureError,
     UpdateLocked,
 )
+from edgephi.packager import finalize, writer
+from edgephi.packager.publish import publish, write_index
+from edgephi.runtime import bundle, download, load, updater
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.signing import SigningKey, make_rotation
 from edgephi.runtime.store import DISK_MARGIN, Store

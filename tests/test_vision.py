@@ -24,10 +24,10 @@ import openai
 import pytest
 import tiny
 from conftest import build_bundle, serving
+from edgephi.core.errors import BadImage, BuildError, ConfigError, ContextOverflow
 from edgephi.runtime import images, load, memory
 from edgephi.runtime.chat import Conversation
 from edgephi.runtime.engine import Engine
-from edgephi.runtime.errors import BadImage, BuildError, ConfigError, ContextOverflow
 from edgephi.runtime.manifest import Manifest
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.server import ModelServer
