@@ -20,6 +20,7 @@ from edgephi.runtime.engine import Engine
 from edgephi.runtime.genai import default_threads
 from edgephi.runtime.manifest import Manifest, is_valid_name, is_valid_version, version_key
 from edgephi.runtime.store import InstalledModel, InUse, Store
+from edgephi.targets.profile import ExecutionProvider
 
 
 def install(
@@ -36,8 +37,8 @@ def install(
 def check_runnable(manifest: Manifest, arch: str | None = None) -> None:
     """Refuse a bundle built for another CPU, another execution provider or a newer runtime."""
     what = f"{manifest.name} {manifest.version} (target {manifest.target.get('name', '?')})"
-    provider = str(manifest.target.get("execution_provider", "cpu"))
-    if provider != "cpu":
+    provider = str(manifest.target.get("execution_provider", ExecutionProvider.CPU.value))
+    if provider != ExecutionProvider.CPU.value:
         raise IncompatibleBundle(
             f"{what} was built for the {provider} execution provider; this runtime runs CPU bundles"
         )

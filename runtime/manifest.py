@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgephi.core.errors import BundleFormatError, UnsupportedFormatVersion
+from edgephi.targets.profile import Precision
 
 FORMAT = "edgephi-bundle"
 FORMAT_VERSION = (1, 0)
@@ -53,7 +54,7 @@ _SEMVER_RE = re.compile(
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _KEY_ID_RE = re.compile(r"^[0-9a-f]{16}$")
 _PATH_PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
-_PRECISIONS = ("int4", "int8", "fp16", "fp32")
+_PRECISIONS = tuple(p.value for p in Precision)  # the targets' list, not a copy
 _REQUIRED = ("format", "format_version", "name", "version", "precision", "target", "files")
 _OMIT_WHEN_EMPTY = ("health", "quality")
 MAX_FILES = 256
