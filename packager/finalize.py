@@ -19,10 +19,9 @@ from edgephi.packager.vision import VisionSpec
 from edgephi.runtime import images
 from edgephi.runtime.bundle import MANIFEST_MEMBER
 from edgephi.runtime.manifest import FileEntry, check_member_path
-from edgephi.runtime.memory import WEIGHT_SUFFIXES
+from edgephi.runtime.memory import KV_BYTES, WEIGHT_SUFFIXES, kv_elements_per_token
 from edgephi.targets import Precision
 
-_KV_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
 # A vision bundle's default context: one picture at its most expensive (2653 tokens), a
 # question and an answer.
 VISION_CONTEXT = 4096
@@ -102,11 +101,11 @@ def model_facts(model_dir: Path, hf_config: dict[str, Any]) -> dict[str, Any]:
 def memory_facts(files: list[FileEntry], model: dict[str, Any]) -> dict[str, int]:
     """Weights on disk and KV bytes per token for the cache type the bundle was built with."""
     weights = sum(f.size for f in files if f.path.endswith(WEIGHT_SUFFIXES))
-    per_element = 2 * model["num_hidden_layers"] * model["num_key_value_heads"] * model["head_size"]
+    per_element = kv_elements_per_token(model)
     out = {
         "weights_bytes": weights,
-        "kv_bytes_per_token": per_element * _KV_BYTES[model.get("kv_cache", "fp32")],
-        "kv_bytes_per_token_fp16": per_element * _KV_BYTES["fp16"],
+        "kv_bytes_per_token": per_element * KV_BYTES[model.get("kv_cache", "fp32")],
+        "kv_bytes_per_token_fp16": per_element * KV_BYTES["fp16"],
     }
     if "vision" in model:
         out["vision_scratch_bytes"] = vision_scratch(model["vision"]["encoder"])

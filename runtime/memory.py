@@ -51,6 +51,16 @@ WEIGHT_SUFFIXES = (".onnx", ".ort", ".data", ".onnx_data", ".bin")  # files whos
 # merges tables); a small one is inside RUNTIME_OVERHEAD, a large one is counted.
 TOKENIZER_LOAD_FACTOR = 2.5
 _TOKENIZER_IN_OVERHEAD = 8 * MIB
+KV_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}  # bytes per cached element, by KV cache type
+
+
+def kv_elements_per_token(shapes: dict[str, Any]) -> int:
+    """Key and value elements one token adds to the cache: ``shapes`` is genai_config's
+    decoder section or a manifest's ``model`` facts (the same keys). The one formula the
+    packager's memory facts, the planner and the install-time check all use."""
+    return (
+        2 * int(shapes["num_hidden_layers"]) * int(shapes["num_key_value_heads"]) * int(shapes["head_size"])
+    )
 
 
 def parse_size(text: str) -> int:
@@ -210,7 +220,7 @@ class ModelShape:
         genai: dict[str, Any] = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))
         model, decoder = genai["model"], genai["model"]["decoder"]
         weights = sum(p.stat().st_size for p in model_dir.rglob("*") if p.name.endswith(WEIGHT_SUFFIXES))
-        kv = 2 * decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"] * 4
+        kv = kv_elements_per_token(decoder) * KV_BYTES["fp32"]
         context = int(model.get("context_length") or genai["search"]["max_length"])
         return cls(
             weights_bytes=weights,
@@ -253,10 +263,11 @@ def check_facts(manifest: Manifest, model_dir: Path) -> None:
             for k, said, real in pairs
             if said is not None and said != real
         ]
-        per_element = 2 * decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"]
         # The least a cache of these shapes takes: int8 where the bundle says it quantized
         # its KV cache (the rpi4 target does), else fp16.
-        least = per_element * (1 if model.get("kv_cache") == "int8" else 2)
+        least = (
+            kv_elements_per_token(decoder) * KV_BYTES["int8" if model.get("kv_cache") == "int8" else "fp16"]
+        )
         if int(memory.get("kv_bytes_per_token", 0)) < least:
             wrong.append(f"kv_bytes_per_token {memory.get('kv_bytes_per_token')} (the shapes need {least}+)")
         if "vision" in genai["model"] and not model.get("vision"):
