@@ -30,6 +30,7 @@ from edgephi.runtime.engine import Engine
 from edgephi.runtime.images import Image, image_tokens, load_image
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.session import Session
+from edgephi.runtime.signing import MAX_ROTATION_BYTES
 from edgephi.runtime.store import Store
 
 PROG = "edge-run"
@@ -534,9 +535,12 @@ def trust_rotate(
     """Take a publisher's key rotation by hand (updates take the channel's on their own)."""
     trust = Store(store).trust
     try:
-        raw = statement.read_bytes()
+        with open(statement, "rb") as fh:
+            raw = fh.read(MAX_ROTATION_BYTES + 1)
     except OSError as exc:
         raise KeyFileError(f"cannot read {statement}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_ROTATION_BYTES:
+        raise KeyFileError(f"{statement} is larger than a key rotation statement can be")
     rotation = trust.check_rotation(raw)
     if rotation is None:
         raise KeyFileError(

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as _dt
 import hashlib
 import json
 import os
@@ -196,8 +197,6 @@ class Rotation:
 
 def make_rotation(old: SigningKey, new: SigningKey, others: tuple[SigningKey, ...] = ()) -> bytes:
     """A statement that ``old`` hands over to ``new``, signed by both (and ``others``)."""
-    import datetime as _dt
-
     body = {
         "format": ROTATION_FORMAT,
         "from": old.key_id,
@@ -336,7 +335,8 @@ class TrustStore:
         return self.folder / "retired"
 
     def retired(self) -> dict[str, PublicKey]:
-        """Keys rotated out: no longer trusted, remembered so a replayed statement is known."""
+        """Keys rotated out: no longer trusted for a bundle given by hand or an index, but
+        still for a release a trusted index pins by sha256 (``edgephi.runtime.updater``)."""
         out = {}
         for path in sorted(self.retired_folder.glob("*.pub")) if self.retired_folder.is_dir() else []:
             try:
