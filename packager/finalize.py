@@ -1,4 +1,5 @@
-"""Step 3 of a build: make the builder's output folder ready to ship, and describe it.
+"""The ``finalize`` step of a build (``edgephi.packager.pipeline``): make the builder's
+output folder ready to ship, and describe it.
 
 * ``genai_config.json``: the builder sets ``search.max_length`` to the model's full
   context (128k for Phi-3.5-mini), and onnxruntime-genai preallocates the KV cache for

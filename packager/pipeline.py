@@ -1,23 +1,22 @@
 """``edge-pack build``: from a model source to a verified .phi bundle.
 
-The steps, each a function from inputs to outputs inside one work directory:
+The steps (``STEPS``, which also number the progress lines), each a function from the
+build so far (``Build``, frozen) to the build with its part added, in one work directory:
 
-1. ``resolve``   — classify the source (HF folder, GGUF file, hub id) and check its
-   architecture (``edgephi.packager.sources``);
-2. ``convert``   — GGUF only: dequantise into an F32 Hugging Face folder (``packager.gguf``);
-3. ``export``    — run onnxruntime-genai's model builder for the target's precision,
-   execution provider and quantisation recipe (``packager.builder``);
-   then quantise its FP32 graph for the ``hqq-b32`` recipe (``packager.hqq``), give an
-   INT8 build's tied embedding the lm_head's blocks (``packager.embedding``), and strip
-   and fuse a CPU target's graph, checking its greedy tokens did not change
-   (``packager.optimize``);
-   A Phi-3.5-vision checkpoint's text decoder is exported from a staged copy with a
-   native Phi-3 config; its image encoder and embedding models are built by
-   ``packager.vision`` before the graph is optimised;
-4. ``finalize``  — set the shipped default context, hash every file, describe the model
+1. ``source``    — take the source ``sources.resolve`` classified (HF folder, GGUF file,
+   hub id): fetch a hub model's config, or dequantise a GGUF into an F32 Hugging Face
+   folder (``packager.gguf``); stage a Phi-3.5-vision checkpoint's text decoder;
+2. ``export``    — run onnxruntime-genai's model builder for the target's precision,
+   execution provider and quantisation recipe (``packager.builder``); then quantise its
+   FP32 graph for the ``hqq-b32`` recipe (``packager.hqq``), give an INT8 build's tied
+   embedding the lm_head's blocks (``packager.embedding``), build a vision model's image
+   encoder and embedding models (``packager.vision``), and strip and fuse a CPU target's
+   graph, checking its greedy tokens did not change (``packager.optimize``);
+3. ``finalize``  — set the shipped default context, hash every file, describe the model
    and its memory needs in the manifest (``packager.finalize``);
-5. ``validate``  — load the result in onnxruntime-genai and generate (``packager.validate``);
-6. ``write``     — check the files as a device would, sign, write the archive atomically
+4. ``validate``  — load the result in onnxruntime-genai and generate, and measure its
+   quality when asked (``packager.validate``, ``packager.evaluate``);
+5. ``write``     — check the files as a device would, sign, write the archive atomically
    and read it back (``packager.writer``).
 
 Nothing is written at the output path unless every step succeeded; the work directory is
@@ -179,13 +178,50 @@ def _check_vision(config: BuildConfig, source: sources.Source) -> None:
         raise BuildError(f"vision bundles cannot be built with {', '.join(unsupported)} yet")
 
 
-def _build_in(
-    config: BuildConfig, source: sources.Source, keys: list[SigningKey], workdir: Path, progress: Progress
-) -> BuildResult:
+@dataclass(frozen=True)
+class Build:
+    """A build so far: what the user asked for, and what each step has added."""
+
+    config: BuildConfig
+    source: sources.Source
+    keys: tuple[SigningKey, ...]
+    workdir: Path
+    progress: Progress
+    hf_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    builder_input: str = ""
+    multimodal: bool = False
+    request: builder.ExportRequest | None = None
+    spec: vision.VisionSpec | None = None
+    graph: optimize.GraphReport | None = None
+    manifest: Manifest | None = None
+    smoke: str = ""
+
+    @property
+    def onnx_dir(self) -> Path:
+        return self.workdir / "onnx"
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    headline: Callable[[Build], str]  # its progress line, after "[k/n] "
+    run: Callable[[Build], Build]
+
+
+def _source_headline(b: Build) -> str:
+    if b.source.kind == "hf-id":
+        return f"fetching {b.source.ref}'s config from the Hugging Face hub"
+    if b.source.kind == "gguf":
+        assert b.source.path is not None
+        return f"dequantising {b.source.path.name} to an F32 Hugging Face folder"
+    return f"using {b.source.kind} {b.source.ref}"
+
+
+def _source(b: Build) -> Build:
+    config, source, workdir = b.config, b.source, b.workdir
     hf_config = source.config
     builder_input = source.ref
     if source.kind == "hf-id":
-        progress(f"[1/5] fetching {source.ref}'s config from the Hugging Face hub")
         hf_config = sources.hub_config(source.ref, workdir / "builder-cache")
     multimodal = vision.is_vision(hf_config)
     if not multimodal and config.vision_precision is not None:
@@ -201,21 +237,25 @@ def _build_in(
         builder_input = str(vision.stage_text_folder(source.path, hf_config, workdir / "text"))
     if source.kind == "gguf":
         assert source.path is not None
-        progress(f"[1/5] dequantising {source.path.name} to an F32 Hugging Face folder")
-        hf_dir = workdir / "hf"
         from edgephi.packager import gguf
 
-        hf_config = gguf.to_hf_folder(source.path, hf_dir)
-        builder_input = str(hf_dir)
-    elif source.kind != "hf-id":
-        progress(f"[1/5] using {source.kind} {source.ref}")
+        hf_config = gguf.to_hf_folder(source.path, workdir / "hf")
+        builder_input = str(workdir / "hf")
+    return dataclasses.replace(b, hf_config=hf_config, builder_input=builder_input, multimodal=multimodal)
 
+
+def _export_headline(b: Build) -> str:
+    ep = b.config.target.execution_provider.value
+    return f"exporting {b.config.effective_precision.value} for {ep} with the model builder"
+
+
+def _export(b: Build) -> Build:
+    config, workdir, progress, onnx_dir = b.config, b.workdir, b.progress, b.onnx_dir
     target = config.target
     precision = config.effective_precision
-    onnx_dir = workdir / "onnx"
     request = builder.ExportRequest(
-        source=builder_input,
-        source_is_local=source.kind != "hf-id",
+        source=b.builder_input,
+        source_is_local=b.source.kind != "hf-id",
         output_dir=onnx_dir,
         cache_dir=workdir / "builder-cache",
         log_path=workdir / "builder.log",
@@ -226,11 +266,8 @@ def _build_in(
         accuracy_level=target.accuracy_level,
         symmetric=target.symmetric,
         algorithm=config.recipe[1],
-        tied_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
-        inputs_embeds=multimodal,
-    )
-    progress(
-        f"[2/5] exporting {precision.value} for {target.execution_provider.value} with the model builder"
+        tied_embeddings=bool(b.hf_config.get("tie_word_embeddings", False)),
+        inputs_embeds=b.multimodal,
     )
     if target.kv_cache is KVCache.INT8:
         # Two passes: a float-KV build to measure K/V ranges on, then the real one with scales.
@@ -239,7 +276,7 @@ def _build_in(
         progress("      calibrating int8 KV-cache scales on the float-KV build")
         scales = builder.calibrate_kv_cache(
             baseline.output_dir,
-            builder_input,
+            b.builder_input,
             workdir / "kv_scales.json",
             request.log_path,
             offline=request.source_is_local,
@@ -263,8 +300,8 @@ def _build_in(
                 f"      INT8: the tied embedding now reads the lm_head's blocks, {saved / 2**20:.0f} MiB less"
             )
     spec = None
-    if multimodal:
-        assert source.path is not None
+    if b.multimodal:
+        assert b.source.path is not None
         # Accuracy level 4 whatever the target's: measured faster and leaner than
         # dequantising to FP32 (scripts/vision_scale.py).
         int8 = None
@@ -274,31 +311,36 @@ def _build_in(
             "      vision: exporting the image encoder and the embedding model "
             f"({config.effective_vision_precision.value.upper()})"
         )
-        spec = vision.export(source.path, hf_config, onnx_dir, int8)
+        spec = vision.export(b.source.path, b.hf_config, onnx_dir, int8)
     graph = _strip_and_fuse(config, onnx_dir, workdir, progress)
+    return dataclasses.replace(b, request=request, spec=spec, graph=graph)
 
-    progress("[3/5] finalising: default context, hashes, manifest")
+
+def _finalize(b: Build) -> Build:
+    config, source, spec, onnx_dir = b.config, b.source, b.spec, b.onnx_dir
+    assert b.request is not None
+    target = config.target
     wanted = config.effective_context
     if spec is not None and config.context is None:
         # The target's default would not hold one picture (up to 2653 tokens) and a question.
         wanted = max(wanted, finalize.VISION_CONTEXT)
     context = finalize.set_default_context(onnx_dir, wanted)
     if source.kind == "hf-id":
-        found = sorted(request.cache_dir.rglob("generation_config.json"))
+        found = sorted(b.request.cache_dir.rglob("generation_config.json"))
         generation_config = found[0] if found else None
     else:
-        folder = source.path if multimodal and source.path is not None else Path(builder_input)
+        folder = source.path if b.multimodal and source.path is not None else Path(b.builder_input)
         generation_config = folder / "generation_config.json"
     generation = finalize.set_generation_defaults(onnx_dir, generation_config)
     chat_template = finalize.has_chat_template(onnx_dir)
     files = finalize.file_entries(onnx_dir)
-    model = finalize.model_facts(onnx_dir, hf_config)
+    model = finalize.model_facts(onnx_dir, b.hf_config)
     model["default_context"] = context
     model["generation"] = generation
     model["lm_head_pruned"] = True
     model["kv_cache"] = target.kv_cache.value
-    if graph is not None:
-        model["graph"] = graph.to_dict()
+    if b.graph is not None:
+        model["graph"] = b.graph.to_dict()
     if spec is not None:
         model["modalities"] = ["text", "image"]
         model["sessions"] = finalize.sessions(onnx_dir)
@@ -306,7 +348,7 @@ def _build_in(
     manifest = Manifest(
         name=config.name or source.default_name,
         version=config.version,
-        precision=precision.value,
+        precision=config.effective_precision.value,
         target=target.to_dict(),
         files=tuple(files),
         created_at=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
@@ -317,24 +359,54 @@ def _build_in(
         requires={"runtime": MIN_RUNTIME},
         chat_template=chat_template,
     )
+    return dataclasses.replace(b, manifest=manifest)
 
-    progress("[4/5] validating: loading in onnxruntime-genai and generating")
-    if target.execution_provider.value == "cpu":
-        health = validate.smoke_test(onnx_dir, chat_template)
+
+def _validate(b: Build) -> Build:
+    config, manifest = b.config, b.manifest
+    assert manifest is not None and b.request is not None
+    smoke = ""
+    if config.target.execution_provider is ExecutionProvider.CPU:
+        health = validate.smoke_test(b.onnx_dir, manifest.chat_template)
         manifest = dataclasses.replace(manifest, health=health)
         smoke = str(health["text"])
     else:
-        smoke = ""
-        progress(f"      (skipped: {target.execution_provider.value} models cannot run on this CPU host)")
-
+        ep = config.target.execution_provider.value
+        b.progress(f"      (skipped: {ep} models cannot run on this CPU host)")
     if config.measures_quality:
-        manifest = dataclasses.replace(
-            manifest, quality=_quality(config, request, onnx_dir, workdir, progress)
-        )
+        quality = _quality(config, b.request, b.onnx_dir, b.workdir, b.progress)
+        manifest = dataclasses.replace(manifest, quality=quality)
+    return dataclasses.replace(b, manifest=manifest, smoke=smoke)
 
-    progress(f"[5/5] writing {config.output}" + (f", signed by {keys[0].key_id}" if keys else ""))
+
+def _write_headline(b: Build) -> str:
+    return f"writing {b.config.output}" + (f", signed by {b.keys[0].key_id}" if b.keys else "")
+
+
+def _write(b: Build) -> Build:
+    assert b.manifest is not None
     try:
-        manifest = writer.write_bundle(config.output, manifest, onnx_dir, keys)
+        manifest = writer.write_bundle(b.config.output, b.manifest, b.onnx_dir, list(b.keys))
     except OSError as exc:
-        raise BuildError(f"cannot write {config.output}: {exc.strerror or exc}") from None
-    return BuildResult(config.output, manifest, smoke)
+        raise BuildError(f"cannot write {b.config.output}: {exc.strerror or exc}") from None
+    return dataclasses.replace(b, manifest=manifest)
+
+
+STEPS = (
+    Step("source", _source_headline, _source),
+    Step("export", _export_headline, _export),
+    Step("finalize", lambda _b: "finalising: default context, hashes, manifest", _finalize),
+    Step("validate", lambda _b: "validating: loading in onnxruntime-genai and generating", _validate),
+    Step("write", _write_headline, _write),
+)
+
+
+def _build_in(
+    config: BuildConfig, source: sources.Source, keys: list[SigningKey], workdir: Path, progress: Progress
+) -> BuildResult:
+    b = Build(config, source, tuple(keys), workdir, progress)
+    for number, step in enumerate(STEPS, 1):
+        progress(f"[{number}/{len(STEPS)}] {step.headline(b)}")
+        b = step.run(b)
+    assert b.manifest is not None
+    return BuildResult(config.output, b.manifest, b.smoke)

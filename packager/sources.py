@@ -1,4 +1,5 @@
-"""Step 1 of a build: turn what the user typed after ``edge-pack build`` into a model source.
+"""For the ``source`` step of a build (``edgephi.packager.pipeline``): turn what the user
+typed after ``edge-pack build`` into a model source.
 
 Three kinds of source are accepted:
 

@@ -1,4 +1,5 @@
-"""Step 4 of a build: prove the exported model loads and generates before it is shipped."""
+"""The ``validate`` step of a build (``edgephi.packager.pipeline``): prove the exported
+model loads and generates before it is shipped."""
 
 from __future__ import annotations
 

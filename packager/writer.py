@@ -1,4 +1,5 @@
-"""Step 6 of a build, and ``edge-pack sign``: write .phi archives.
+"""The ``write`` step of a build (``edgephi.packager.pipeline``), and ``edge-pack sign``:
+write .phi archives.
 
 The layout is owned by ``edgephi.runtime.bundle``: ``manifest.json`` first, then
 ``manifest.sig`` when signed, then the model files in manifest order. ONNX weights are

@@ -8,6 +8,7 @@ INT4 bundles and run.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 import tiny
 from conftest import build_bundle
 from edgephi.core.errors import ContextOverflow
+from edgephi.packager import pipeline
 from edgephi.packager.cli import app as pack_app
 from edgephi.runtime import load
 from edgephi.runtime.chat import Conversation
@@ -47,6 +49,12 @@ def raw_og_greedy(model_dir: Path, messages: list[dict[str, str]], max_tokens: i
         out.append(token)
         text += stream.decode(token)
     return out, text
+
+
+def test_the_build_steps_are_listed_once() -> None:
+    # The module docstring lists the steps the pipeline runs, in order, by their names.
+    listed = re.findall(r"^\d+\. ``(\w+)``", pipeline.__doc__ or "", flags=re.MULTILINE)
+    assert listed == [step.name for step in pipeline.STEPS] and len(listed) == 5
 
 
 def test_phi35_bundle_describes_itself(phi3_bundle: Path, store: Store) -> None:
