@@ -123,41 +123,35 @@ def _run_child(work: Callable[[], bytes], timeout: float, memory: int | None) ->
         try:
             os.close(read_fd)
             _child_setup(hook, born, memory)
-            message = _answer(work)
-            with os.fdopen(write_fd, "wb") as out:
-                out.write(message)
+            _write_frame(write_fd, _answer(work))
         except BaseException:
             code = 3
         finally:
             os._exit(code)
     os.close(write_fd)
-    chunks: list[bytes] = []
-    deadline = time.monotonic() + timeout
     try:
-        with os.fdopen(read_fd, "rb", buffering=0) as inp:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([inp], [], [], left)[0]:
-                    raise _Hung
-                chunk = inp.read(1 << 20)
-                if not chunk:
-                    break
-                chunks.append(chunk)
+        data = _read_frame(read_fd, time.monotonic() + timeout)
     except BaseException:
         # Hung, or the parent was interrupted (Ctrl-C): the child goes with the wait.
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         raise
-    data = b"".join(chunks)
+    finally:
+        os.close(read_fd)
     _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status):
-        raise ChildDied(f"a crash, signal {os.WTERMSIG(status)}")
-    code = os.WEXITSTATUS(status)
-    if code != 0 or not data:
-        raise ChildDied("a fatal error in native code" if code == EXITED else f"exit status {code}")
+    if data is None or status != 0:
+        raise ChildDied(_ended(status))
     if data[:1] == b"E":
         raise ChildFailed(data[1:].decode("utf-8", "replace"))
     return data[1:]
+
+
+def _ended(status: int) -> str:
+    """How a child with this wait status ended, for ``ChildDied``."""
+    if os.WIFSIGNALED(status):
+        return f"a crash, signal {os.WTERMSIG(status)}"
+    code = os.WEXITSTATUS(status)
+    return "a fatal error in native code" if code == EXITED else f"exit status {code}"
 
 
 def _child_setup(hook: tuple[Any, Any] | None, born: int | None, memory: int | None) -> None:
@@ -269,10 +263,8 @@ class Worker:
         for fd in (self._jobs, self._answers):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        if os.WIFSIGNALED(status) and os.WTERMSIG(status) != signal.SIGKILL:
-            return f"a crash, signal {os.WTERMSIG(status)}"
-        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-        return "a fatal error in native code" if code == EXITED else "it ended"
+        killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        return "it was stopped" if killed else _ended(status)
 
 
 def _close_all_but(*keep: int) -> None:

@@ -42,6 +42,7 @@ from typing import Any
 
 from edgephi.core.errors import BundleFormatError, KeyFileError, SignatureError
 from edgephi.core.fsutil import atomic_write_bytes
+from edgephi.runtime.manifest import canonical_json
 
 ALGORITHM = "ed25519"
 PUBLIC_PREFIX = "edgephi-ed25519"
@@ -165,21 +166,25 @@ def encode_signatures(entries: list[dict[str, str]]) -> bytes:
 def parse_signatures(raw: bytes) -> list[tuple[str, bytes]]:
     """(key id, signature bytes) pairs from a ``manifest.sig`` member."""
     try:
-        data = json.loads(raw.decode("utf-8"))
-        entries = data["signatures"]
-        if not isinstance(entries, list) or not 0 < len(entries) <= MAX_SIGNATURES:
-            raise ValueError("signatures must be a list of 1 to 16 entries")
-        out = []
-        for entry in entries:
-            if entry["algorithm"] != ALGORITHM:
-                raise ValueError(f"unsupported algorithm {entry['algorithm']!r}")
-            sig = base64.b64decode(entry["signature"], validate=True)
-            if len(sig) != 64 or not isinstance(entry["keyid"], str):
-                raise ValueError("malformed signature entry")
-            out.append((entry["keyid"], sig))
-        return out
+        return _signature_entries(json.loads(raw.decode("utf-8"))["signatures"])
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, binascii.Error) as exc:
         raise BundleFormatError(f"manifest.sig is malformed: {exc}") from None
+
+
+def _signature_entries(entries: Any) -> list[tuple[str, bytes]]:
+    """(key id, signature bytes) pairs from a ``signatures`` list; raises ``ValueError``,
+    ``KeyError``, ``TypeError`` or ``binascii.Error`` on a malformed one."""
+    if not isinstance(entries, list) or not 0 < len(entries) <= MAX_SIGNATURES:
+        raise ValueError("signatures must be a list of 1 to 16 entries")
+    out = []
+    for entry in entries:
+        if entry["algorithm"] != ALGORITHM:
+            raise ValueError(f"unsupported algorithm {entry['algorithm']!r}")
+        sig = base64.b64decode(entry["signature"], validate=True)
+        if len(sig) != 64 or not isinstance(entry["keyid"], str):
+            raise ValueError("malformed signature entry")
+        out.append((entry["keyid"], sig))
+    return out
 
 
 ROTATION_FORMAT = "edgephi-key-rotation"
@@ -203,20 +208,16 @@ def make_rotation(old: SigningKey, new: SigningKey, others: tuple[SigningKey, ..
         "to": new.public.to_text().strip(),
         "issued_at": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
     }
-    message = _canonical(body)
+    message = canonical_json(body)
     signatures = [k.sign(message) for k in (old, new, *others)]
     return json.dumps({"rotation": body, "signatures": signatures}, sort_keys=True, indent=1).encode()
-
-
-def _canonical(data: Any) -> bytes:
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def parse_rotation(raw: bytes) -> tuple[dict[str, Any], list[tuple[str, bytes]], PublicKey]:
     """The statement's body, signatures and new key, checked for form only."""
     try:
         data = json.loads(raw.decode("utf-8"))
-        body, signatures = data["rotation"], parse_signatures(_canonical({"signatures": data["signatures"]}))
+        body, signatures = data["rotation"], _signature_entries(data["signatures"])
         if body["format"] != ROTATION_FORMAT or not isinstance(body["from"], str):
             raise ValueError(f"not an {ROTATION_FORMAT} statement")
         parts = str(body["to"]).split(maxsplit=2)
@@ -226,8 +227,6 @@ def parse_rotation(raw: bytes) -> tuple[dict[str, Any], list[tuple[str, bytes]],
         return body, signatures, PublicKey(raw_key, parts[2] if len(parts) > 2 else "")
     except (UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError, binascii.Error) as exc:
         raise SignatureError(f"the key rotation statement is malformed: {exc}") from None
-    except BundleFormatError as exc:
-        raise SignatureError(f"the key rotation statement's signatures are malformed: {exc}") from None
 
 
 class TrustStore:
@@ -355,7 +354,7 @@ class TrustStore:
         old = body["from"]
         if old not in trusted or new.key_id in trusted:
             return None
-        message = _canonical(body)
+        message = canonical_json(body)
         claimed = tuple(kid for kid, _ in signatures)
         signers = valid_signers(message, claimed, signatures, trusted)
         if old not in signers:
