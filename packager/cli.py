@@ -18,13 +18,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from edgephi import targets
 from edgephi.core.errors import ConfigError
 from edgephi.packager.config import BuildConfig
 from edgephi.runtime import bundle, console, signing
+from edgephi.runtime.sections import GenerationDefaults, ModelFacts
 from edgephi.targets import ModelFormat, Precision
 
 PROG = "edge-pack"
@@ -128,39 +129,39 @@ def build(
     result = pipeline.build(config, progress=console.info)
     m = result.manifest
     console.info(
-        f"wrote {result.output} — {m.name} {m.version}, {m.precision}, target {m.target['name']}, "
+        f"wrote {result.output} — {m.name} {m.version}, {m.precision}, target {m.target.name}, "
         f"{_size(result.output.stat().st_size)}"
     )
     if m.quality:
         console.info(f"quality: {_quality_line(m.quality)}")
 
 
-def _generation_line(generation: object) -> str:
+def _generation_line(generation: GenerationDefaults | None) -> str:
     """How an answer is chosen when the user says nothing: ``greedy, repetition penalty 1.1 (…)``."""
-    if not isinstance(generation, dict):
+    if generation is None:
         return "the builder's (greedy)"
+    g = generation
     how = (
-        f"sampling at temperature {generation.get('temperature')}, top-p {generation.get('top_p')}, "
-        f"top-k {generation.get('top_k')}"
-        if generation.get("do_sample")
+        f"sampling at temperature {g.temperature}, top-p {g.top_p}, top-k {g.top_k}"
+        if g.do_sample
         else "greedy"
     )
     origin = (
         "the model's generation_config"
-        if generation.get("from") == "generation_config"
+        if g.origin == "generation_config"
         else "edgephi's: the model gives none"
     )
-    return f"{how}, repetition penalty {generation.get('repetition_penalty')} ({origin})"
+    return f"{how}, repetition penalty {g.repetition_penalty} ({origin})"
 
 
-def _inputs_line(model: dict[str, Any]) -> str:
-    vision = model.get("vision")
-    if not isinstance(vision, dict):
+def _inputs_line(model: ModelFacts) -> str:
+    vision = model.vision
+    if vision is None:
         return "text"
-    sessions = model.get("sessions") or {}
-    files = ", ".join(f"{role} {s.get('file', '?')}" for role, s in sessions.items() if isinstance(s, dict))
-    formats, most = "/".join(vision.get("formats", [])), vision.get("max_image_tokens", "?")
-    precision = (vision.get("encoder") or {}).get("precision", "?")
+    files = ", ".join(f"{role} {s.file or '?'}" for role, s in (model.sessions or {}).items())
+    formats, most = "/".join(vision.formats or ()), vision.max_image_tokens or "?"
+    encoder = vision.encoder.precision if vision.encoder else None
+    precision = encoder.value if encoder else "?"
     return f"text and images ({formats}, up to {most} tokens each, {precision} encoder); sessions: {files}"
 
 
@@ -183,6 +184,7 @@ def inspect(
     """Show what a bundle holds (checks its container and manifest, not its hashes)."""
     info = bundle.open_bundle(path)
     m = info.manifest
+    provider = m.target.execution_provider
     if as_json:
         print(
             json.dumps({**m.to_dict(), "digest": m.digest, "signature": info.verification.status}, indent=2)
@@ -190,25 +192,22 @@ def inspect(
         return
     rows = [
         ("model", f"{m.name} {m.version}"),
-        ("architecture", str(m.model.get("architecture", "?"))),
+        ("architecture", m.model.architecture or "?"),
         ("precision", m.precision),
-        ("target", f"{m.target.get('name', '?')} ({m.target.get('execution_provider', '?')})"),
-        (
-            "context",
-            f"{m.model.get('default_context', '?')} default, {m.model.get('context_length', '?')} max",
-        ),
-        ("weights", _size(m.memory.get("weights_bytes", 0))),
-        ("KV cache", f"{_size(m.memory.get('kv_bytes_per_token', 0))} per token"),
+        ("target", f"{m.target.name or '?'} ({provider.value if provider else '?'})"),
+        ("context", f"{m.model.default_context or '?'} default, {m.model.context_length or '?'} max"),
+        ("weights", _size(m.memory.weights_bytes or 0)),
+        ("KV cache", f"{_size(m.memory.kv_bytes_per_token or 0)} per token"),
         ("chat template", "yes" if m.chat_template else "no"),
-        ("defaults", _generation_line(m.model.get("generation"))),
+        ("defaults", _generation_line(m.model.generation)),
         ("inputs", _inputs_line(m.model)),
         ("quality", _quality_line(m.quality)),
         ("signature", f"signed by {', '.join(m.signed_by)}" if m.signed_by else "unsigned"),
         (
             "requires",
-            f"edgephi runtime >= {m.requires.get('runtime', '?')}, {m.target.get('arch', 'any')} CPU",
+            f"edgephi runtime >= {m.requires.get('runtime', '?')}, {m.target.arch or 'any'} CPU",
         ),
-        ("source", f"{m.source.get('kind', '?')} {m.source.get('ref', '')}"),
+        ("source", f"{m.source.kind or '?'} {m.source.ref or ''}"),
         ("built", f"{m.created_at} with " + ", ".join(f"{k} {v}" for k, v in m.created_by.items())),
         ("digest", m.digest),
     ]

@@ -20,8 +20,16 @@ from edgephi.packager.vision import VisionSpec
 from edgephi.runtime import images
 from edgephi.runtime.bundle import MANIFEST_MEMBER
 from edgephi.runtime.manifest import FileEntry, check_member_path
-from edgephi.runtime.memory import KV_BYTES, WEIGHT_SUFFIXES, kv_elements_per_token
-from edgephi.targets import Precision
+from edgephi.runtime.memory import KV_BYTES, kv_elements_per_token, weights_on_disk
+from edgephi.runtime.sections import (
+    EncoderFacts,
+    GenerationDefaults,
+    MemoryFacts,
+    ModelFacts,
+    SessionFacts,
+    VisionFacts,
+)
+from edgephi.targets import KVCache, Precision
 
 # A vision bundle's default context: one picture at its most expensive (2653 tokens), a
 # question and an answer.
@@ -48,7 +56,7 @@ SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penal
 DEFAULT_REPETITION_PENALTY = 1.1
 
 
-def set_generation_defaults(model_dir: Path, generation_config: Path | None) -> dict[str, Any]:
+def set_generation_defaults(model_dir: Path, generation_config: Path | None) -> GenerationDefaults:
     """The answer defaults, in ``search`` of genai_config.json (where og and the runtime read
     them) and returned for the manifest: the model author's, else edgephi's."""
     given: dict[str, Any] = {}
@@ -63,14 +71,14 @@ def set_generation_defaults(model_dir: Path, generation_config: Path | None) -> 
         origin = "edgephi"
         search["repetition_penalty"] = DEFAULT_REPETITION_PENALTY
         path.write_text(json.dumps(genai, indent=4) + "\n", encoding="utf-8")
-    return {
-        "do_sample": bool(search.get("do_sample", False)),
-        "temperature": float(search.get("temperature", 1.0)),
-        "top_k": int(search.get("top_k", 50)),
-        "top_p": float(search.get("top_p", 1.0)),
-        "repetition_penalty": float(search.get("repetition_penalty", 1.0)),
-        "from": origin,
-    }
+    return GenerationDefaults(
+        do_sample=bool(search.get("do_sample", False)),
+        temperature=float(search.get("temperature", 1.0)),
+        top_k=int(search.get("top_k", 50)),
+        top_p=float(search.get("top_p", 1.0)),
+        repetition_penalty=float(search.get("repetition_penalty", 1.0)),
+        origin=origin,
+    )
 
 
 def has_chat_template(model_dir: Path) -> bool:
@@ -82,61 +90,61 @@ def has_chat_template(model_dir: Path) -> bool:
     return False
 
 
-def model_facts(model_dir: Path, hf_config: dict[str, Any]) -> dict[str, Any]:
+def model_facts(model_dir: Path, hf_config: dict[str, Any]) -> ModelFacts:
+    """The manifest's ``model`` shapes, from genai_config.json (what og will run)."""
     genai = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))
     decoder = genai["model"]["decoder"]
     archs = hf_config.get("architectures") or ["?"]
-    return {
-        "architecture": archs[0],
-        "model_type": genai["model"].get("type", hf_config.get("model_type", "?")),
-        "context_length": int(genai["model"].get("context_length", 0)),
-        "vocab_size": int(genai["model"].get("vocab_size", 0)),
-        "num_hidden_layers": int(decoder["num_hidden_layers"]),
-        "num_attention_heads": int(decoder["num_attention_heads"]),
-        "num_key_value_heads": int(decoder["num_key_value_heads"]),
-        "head_size": int(decoder["head_size"]),
-        "hidden_size": int(decoder["hidden_size"]),
-    }
+    return ModelFacts(
+        architecture=archs[0],
+        model_type=genai["model"].get("type", hf_config.get("model_type", "?")),
+        context_length=int(genai["model"].get("context_length", 0)),
+        vocab_size=int(genai["model"].get("vocab_size", 0)),
+        num_hidden_layers=int(decoder["num_hidden_layers"]),
+        num_attention_heads=int(decoder["num_attention_heads"]),
+        num_key_value_heads=int(decoder["num_key_value_heads"]),
+        head_size=int(decoder["head_size"]),
+        hidden_size=int(decoder["hidden_size"]),
+    )
 
 
-def memory_facts(files: list[FileEntry], model: dict[str, Any]) -> dict[str, int]:
+def memory_facts(files: list[FileEntry], model: ModelFacts) -> MemoryFacts:
     """Weights on disk and KV bytes per token for the cache type the bundle was built with."""
-    weights = sum(f.size for f in files if f.path.endswith(WEIGHT_SUFFIXES))
-    per_element = kv_elements_per_token(model)
-    out = {
-        "weights_bytes": weights,
-        "kv_bytes_per_token": per_element * KV_BYTES[model.get("kv_cache", "fp32")],
-        "kv_bytes_per_token_fp16": per_element * KV_BYTES["fp16"],
-    }
-    if "vision" in model:
-        out["vision_scratch_bytes"] = vision_scratch(model["vision"]["encoder"])
-    return out
+    assert model.num_hidden_layers and model.num_key_value_heads and model.head_size
+    per_element = kv_elements_per_token(model.num_hidden_layers, model.num_key_value_heads, model.head_size)
+    encoder = model.vision.encoder if model.vision else None
+    return MemoryFacts(
+        weights_bytes=weights_on_disk((f.path, f.size) for f in files),
+        kv_bytes_per_token=per_element * KV_BYTES[(model.kv_cache or KVCache.FP32).value],
+        kv_bytes_per_token_fp16=per_element * KV_BYTES["fp16"],
+        vision_scratch_bytes=vision_scratch(encoder) if encoder else None,
+    )
 
 
-def vision_facts(spec: VisionSpec, precision: Precision) -> dict[str, Any]:
+def vision_facts(spec: VisionSpec, precision: Precision) -> VisionFacts:
     """The manifest's ``model.vision``: what an image costs and the encoder that sees it."""
-    return {
-        "formats": ["png", "jpeg"],
-        "processor": "processor_config.json",
-        "crop": images.CROP,
-        "max_crops": images.MAX_CROPS,
-        "tokens_per_crop": images.TOKENS_PER_CROP,
-        "max_image_tokens": images.max_image_tokens(),
-        "max_pixels": images.MAX_PIXELS,
-        "encoder": {
-            "width": spec.width,
-            "layers": spec.layers,
-            "heads": spec.heads,
-            "mlp": spec.mlp,
-            "patch": spec.patch,
-            "image_size": spec.image_size,
-            "order": spec.order,
-            "precision": precision.value,
-        },
-    }
+    return VisionFacts(
+        formats=("png", "jpeg"),
+        processor="processor_config.json",
+        crop=images.CROP,
+        max_crops=images.MAX_CROPS,
+        tokens_per_crop=images.TOKENS_PER_CROP,
+        max_image_tokens=images.max_image_tokens(),
+        max_pixels=images.MAX_PIXELS,
+        encoder=EncoderFacts(
+            width=spec.width,
+            layers=spec.layers,
+            heads=spec.heads,
+            mlp=spec.mlp,
+            patch=spec.patch,
+            image_size=spec.image_size,
+            order=spec.order,
+            precision=precision,
+        ),
+    )
 
 
-def vision_scratch(encoder: dict[str, Any]) -> int:
+def vision_scratch(encoder: EncoderFacts) -> int:
     """Peak working memory of one picture through the encoder: all 17 crops at once.
 
     Per layer onnxruntime holds every head's attention scores ([crops, heads, T, T]) twice
@@ -146,32 +154,33 @@ def vision_scratch(encoder: dict[str, Any]) -> int:
     encoder's MatMulNBits quantise their input into int8 blocks in a workspace of their
     own: that run added 0.14 GiB more, budgeted as one more MLP activation (0.15 GiB).
     """
+    assert encoder.image_size and encoder.patch and encoder.heads and encoder.mlp and encoder.width
     crops = MAX_CROPS_WITH_GLOBAL
-    tokens = (encoder["image_size"] // encoder["patch"]) ** 2 + 1
-    scores = 2 * encoder["heads"] * tokens * tokens
-    activations = 2 * tokens * encoder["mlp"] + 6 * tokens * encoder["width"]
-    if encoder.get("precision") == Precision.INT8.value:
-        activations += tokens * encoder["mlp"]
-    pixels = 3 * encoder["image_size"] ** 2
+    tokens = (encoder.image_size // encoder.patch) ** 2 + 1
+    scores = 2 * encoder.heads * tokens * tokens
+    activations = 2 * tokens * encoder.mlp + 6 * tokens * encoder.width
+    if encoder.precision is Precision.INT8:
+        activations += tokens * encoder.mlp
+    pixels = 3 * encoder.image_size**2
     return int(crops * (scores + activations + pixels) * 4)
 
 
-def sessions(model_dir: Path) -> dict[str, Any]:
+def sessions(model_dir: Path) -> dict[str, SessionFacts]:
     """The manifest's ``sessions``: each ONNX model og runs, its file and its inputs and outputs."""
     import onnx
 
     genai = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))
-    out: dict[str, Any] = {}
+    out: dict[str, SessionFacts] = {}
     for role in ("vision", "embedding", "decoder"):
         section = genai["model"].get(role)
         if not section:
             continue
         graph = onnx.load(str(model_dir / section["filename"]), load_external_data=False).graph
-        out[role] = {
-            "file": section["filename"],
-            "inputs": [i.name for i in graph.input if not i.name.startswith("past_key_values.")],
-            "outputs": [o.name for o in graph.output if not o.name.startswith("present.")],
-        }
+        out[role] = SessionFacts(
+            file=section["filename"],
+            inputs=tuple(i.name for i in graph.input if not i.name.startswith("past_key_values.")),
+            outputs=tuple(o.name for o in graph.output if not o.name.startswith("present.")),
+        )
     return out
 
 

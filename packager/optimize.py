@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from edgephi.core.errors import BuildError, DependencyMissing
+from edgephi.runtime.sections import GraphFacts
 from edgephi.targets import ModelFormat
 
 OPS_CONFIG = "required_operators.config"
@@ -53,13 +54,14 @@ class GraphReport:
             f"{self.bytes_before / 2**20:.1f} → {self.bytes_after / 2**20:.1f} MiB ({self.format})"
         )
 
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "optimization": "extended",
-            "format": self.format,
-            "nodes": self.nodes_after,
-            "nodes_before": self.nodes_before,
-        }
+    def facts(self) -> GraphFacts:
+        """The manifest's ``model.graph``."""
+        return GraphFacts(
+            optimization="extended",
+            format=ModelFormat(self.format),
+            nodes=self.nodes_after,
+            nodes_before=self.nodes_before,
+        )
 
 
 def decoder_file(model_dir: Path) -> str:

@@ -43,6 +43,7 @@ from edgephi.packager import adapters, builder, finalize, optimize, sources, val
 from edgephi.packager.config import QUANT_RECIPES, BuildConfig
 from edgephi.runtime.bundle import MIN_RUNTIME
 from edgephi.runtime.manifest import Manifest
+from edgephi.runtime.sections import SourceFacts, TargetFacts
 from edgephi.runtime.signing import SigningKey
 from edgephi.targets import ExecutionProvider, KVCache, Precision
 
@@ -334,26 +335,32 @@ def _finalize(b: Build) -> Build:
     generation = finalize.set_generation_defaults(onnx_dir, generation_config)
     chat_template = finalize.has_chat_template(onnx_dir)
     files = finalize.file_entries(onnx_dir)
-    model = finalize.model_facts(onnx_dir, b.hf_config)
-    model["default_context"] = context
-    model["generation"] = generation
-    model["lm_head_pruned"] = True
-    model["kv_cache"] = target.kv_cache.value
-    if b.graph is not None:
-        model["graph"] = b.graph.to_dict()
+    model = dataclasses.replace(
+        finalize.model_facts(onnx_dir, b.hf_config),
+        default_context=context,
+        generation=generation,
+        lm_head_pruned=True,
+        kv_cache=target.kv_cache,
+        graph=b.graph.facts() if b.graph is not None else None,
+    )
     if spec is not None:
-        model["modalities"] = ["text", "image"]
-        model["sessions"] = finalize.sessions(onnx_dir)
-        model["vision"] = finalize.vision_facts(spec, config.effective_vision_precision)
+        model = dataclasses.replace(
+            model,
+            modalities=("text", "image"),
+            sessions=finalize.sessions(onnx_dir),
+            vision=finalize.vision_facts(spec, config.effective_vision_precision),
+        )
     manifest = Manifest(
         name=config.name or source.default_name,
         version=config.version,
         precision=config.effective_precision.value,
-        target=target.to_dict(),
+        target=TargetFacts.from_dict(target.to_dict()),
         files=tuple(files),
         created_at=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         created_by=tool_versions(),
-        source={"kind": source.kind, "ref": Path(source.ref).name if source.kind != "hf-id" else source.ref},
+        source=SourceFacts(
+            kind=source.kind, ref=Path(source.ref).name if source.kind != "hf-id" else source.ref
+        ),
         model=model,
         memory=finalize.memory_facts(files, model),
         requires={"runtime": MIN_RUNTIME},

@@ -92,6 +92,7 @@ def publish(
                     ):
                         shutil.copyfileobj(src, out, 1 << 20)
     atomic_write_bytes(channel_dir / manifest_rel, raw)
+    target = m.target.to_dict()
     release = channel.Release(
         name=m.name,
         version=m.version,
@@ -102,7 +103,7 @@ def publish(
         manifest_sha256=hashlib.sha256(raw).hexdigest(),
         blobs="blobs" if blobs else "",
         requires_runtime=m.requires.get("runtime", bundle.MIN_RUNTIME),
-        target={k: m.target.get(k) for k in ("name", "arch", "execution_provider")},
+        target={k: target.get(k) for k in ("name", "arch", "execution_provider")},
     )
     releases = dict(index.releases) if index else {}
     releases[m.name] = release

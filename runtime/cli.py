@@ -391,7 +391,7 @@ def list_models(
                 "version": m.manifest.version,
                 "current": current is not None and current.path == m.path,
                 "precision": m.manifest.precision,
-                "target": str(m.manifest.target.get("name", "?")),
+                "target": m.manifest.target.name or "?",
                 "size_bytes": the_store.size(m),
                 "installed": time.strftime("%Y-%m-%d %H:%M", time.localtime(m.path.stat().st_mtime)),
                 "path": str(m.path),

@@ -36,13 +36,14 @@ def install(
 
 def check_runnable(manifest: Manifest, arch: str | None = None) -> None:
     """Refuse a bundle built for another CPU, another execution provider or a newer runtime."""
-    what = f"{manifest.name} {manifest.version} (target {manifest.target.get('name', '?')})"
-    provider = str(manifest.target.get("execution_provider", ExecutionProvider.CPU.value))
-    if provider != ExecutionProvider.CPU.value:
+    target = manifest.target
+    what = f"{manifest.name} {manifest.version} (target {target.name or '?'})"
+    provider = target.execution_provider or ExecutionProvider.CPU
+    if provider is not ExecutionProvider.CPU:
         raise IncompatibleBundle(
-            f"{what} was built for the {provider} execution provider; this runtime runs CPU bundles"
+            f"{what} was built for the {provider.value} execution provider; this runtime runs CPU bundles"
         )
-    raw_arch = str(manifest.target.get("arch", "any")).lower()
+    raw_arch = (target.arch or "any").lower()
     wanted = ARCH_ALIASES.get(raw_arch, raw_arch)
     here = arch or machine_arch()
     if wanted not in ("any", here):
@@ -66,7 +67,7 @@ def choose_threads(requested: int | None, manifest: Manifest | None) -> int:
                 hint=f"leave it out to use all {usable}",
             )
         return requested
-    target_threads = int(manifest.target.get("threads", 0) or 0) if manifest else 0
+    target_threads = (manifest.target.threads or 0) if manifest else 0
     return min(target_threads, usable) if target_threads > 0 else usable
 
 

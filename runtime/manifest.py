@@ -16,8 +16,10 @@ Keys, in ``manifest.json``:
 ``created_at``            UTC time of the build, ISO 8601
 ``created_by``            tool name → version (edgephi, onnxruntime-genai, transformers, …)
 ``source``                where the weights came from: ``kind`` (hf-folder/hf-id/gguf), ``ref``
-``model``                 ``architecture``, ``model_type``, ``context_length``, ``vocab_size``; a
-                          vision model adds ``modalities``, ``sessions`` and ``vision``
+``model``                 ``architecture``, ``model_type``, ``context_length``, ``vocab_size``, the
+                          decoder's shapes; a vision model adds ``modalities``, ``sessions``
+                          and ``vision`` (typed in ``edgephi.runtime.sections``, like
+                          ``target``, ``source`` and ``memory``)
 ``precision``             int4 / int8 / fp16 / fp32
 ``target``                the device profile the bundle was built for (``name``, ``execution_provider``, …)
 ``memory``                ``weights_bytes``, ``kv_bytes_per_token`` (fp32 KV cache, CPU),
@@ -42,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgephi.core.errors import BundleFormatError, UnsupportedFormatVersion
+from edgephi.runtime.sections import MemoryFacts, ModelFacts, SourceFacts, TargetFacts
 from edgephi.targets.profile import Precision
 
 FORMAT = "edgephi-bundle"
@@ -124,14 +127,14 @@ class Manifest:
     name: str
     version: str
     precision: str
-    target: dict[str, Any]
+    target: TargetFacts
     files: tuple[FileEntry, ...]
     format_version: str = "{}.{}".format(*FORMAT_VERSION)
     created_at: str = ""
     created_by: dict[str, str] = field(default_factory=dict)
-    source: dict[str, Any] = field(default_factory=dict)
-    model: dict[str, Any] = field(default_factory=dict)
-    memory: dict[str, int] = field(default_factory=dict)
+    source: SourceFacts = field(default_factory=SourceFacts)
+    model: ModelFacts = field(default_factory=ModelFacts)
+    memory: MemoryFacts = field(default_factory=MemoryFacts)
     requires: dict[str, str] = field(default_factory=dict)
     chat_template: bool = False
     signed_by: tuple[str, ...] = ()
@@ -148,11 +151,11 @@ class Manifest:
             "version": self.version,
             "created_at": self.created_at,
             "created_by": dict(self.created_by),
-            "source": dict(self.source),
-            "model": dict(self.model),
+            "source": self.source.to_dict(),
+            "model": self.model.to_dict(),
             "precision": self.precision,
-            "target": dict(self.target),
-            "memory": dict(self.memory),
+            "target": self.target.to_dict(),
+            "memory": self.memory.to_dict(),
             "requires": dict(self.requires),
             "chat_template": self.chat_template,
             "signed_by": list(self.signed_by),
@@ -212,16 +215,16 @@ class Manifest:
             raise BundleFormatError(f"manifest version {version!r} is not a semantic version like 1.0.0")
         if precision not in _PRECISIONS:
             raise BundleFormatError(f"manifest precision {precision!r} is not one of {_PRECISIONS}")
-        for key in ("target", "created_by", "source", "model", "memory", "requires"):
+        for key in ("created_by", "requires"):
             if not isinstance(data.get(key, {}), dict):
                 raise BundleFormatError(f"manifest {key} must be an object")
         if not isinstance(data.get("chat_template", False), bool):
             raise BundleFormatError("manifest chat_template must be true or false")
         if not isinstance(data.get("created_at", ""), str):
             raise BundleFormatError("manifest created_at must be a string")
-        memory = data.get("memory", {})
-        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in memory.values()):
-            raise BundleFormatError("manifest memory values must be non-negative integers")
+        created_by = data.get("created_by", {})
+        if any(not isinstance(v, str) for v in created_by.values()):
+            raise BundleFormatError("manifest created_by values must be strings")
         requires = data.get("requires", {})
         if any(not isinstance(v, str) for v in requires.values()):
             raise BundleFormatError("manifest requires values must be strings")
@@ -253,14 +256,14 @@ class Manifest:
             name=name,
             version=version,
             precision=precision,
-            target=data["target"],
+            target=TargetFacts.from_dict(data["target"]),
             files=files,
             format_version=data["format_version"],
             created_at=data.get("created_at", ""),
-            created_by=data.get("created_by", {}),
-            source=data.get("source", {}),
-            model=data.get("model", {}),
-            memory=memory,
+            created_by=created_by,
+            source=SourceFacts.from_dict(data.get("source", {})),
+            model=ModelFacts.from_dict(data.get("model", {})),
+            memory=MemoryFacts.from_dict(data.get("memory", {})),
             requires=requires,
             chat_template=data.get("chat_template", False),
             signed_by=tuple(signed_by),

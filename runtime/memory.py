@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from typing import Any
 from edgephi.core.errors import BundleFormatError, ConfigError, InsufficientMemory
 from edgephi.runtime.images import image_tokens, max_image_tokens
 from edgephi.runtime.manifest import Manifest
+from edgephi.targets.profile import KVCache
 
 MIB = 1 << 20
 RUNTIME_OVERHEAD = 160 * MIB  # interpreter, onnxruntime(-genai) libraries, tokenizer, allocator slack
@@ -54,13 +56,23 @@ _TOKENIZER_IN_OVERHEAD = 8 * MIB
 KV_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}  # bytes per cached element, by KV cache type
 
 
-def kv_elements_per_token(shapes: dict[str, Any]) -> int:
-    """Key and value elements one token adds to the cache: ``shapes`` is genai_config's
-    decoder section or a manifest's ``model`` facts (the same keys). The one formula the
-    packager's memory facts, the planner and the install-time check all use."""
-    return (
-        2 * int(shapes["num_hidden_layers"]) * int(shapes["num_key_value_heads"]) * int(shapes["head_size"])
+def kv_elements_per_token(layers: int, kv_heads: int, head_size: int) -> int:
+    """Key and value elements one token adds to the cache: the one formula the packager's
+    memory facts, the planner and the install-time check all use."""
+    return 2 * layers * kv_heads * head_size
+
+
+def decoder_kv_elements(decoder: dict[str, Any]) -> int:
+    """``kv_elements_per_token`` of genai_config.json's ``decoder`` section."""
+    return kv_elements_per_token(
+        int(decoder["num_hidden_layers"]), int(decoder["num_key_value_heads"]), int(decoder["head_size"])
     )
+
+
+def weights_on_disk(files: Iterable[tuple[str, int]]) -> int:
+    """Bytes of the files that load as weights, from (path, size) pairs: the one rule the
+    packager's memory facts and the planner (of a bundle or of a bare folder) share."""
+    return sum(size for path, size in files if path.endswith(WEIGHT_SUFFIXES))
 
 
 def parse_size(text: str) -> int:
@@ -190,26 +202,39 @@ class ModelShape:
         a manifest that understates them does not shrink the plan."""
         model, memory = manifest.model, manifest.memory
         files = {f.path: f.size for f in manifest.files}
-        on_disk = sum(size for path, size in files.items() if path.endswith(WEIGHT_SUFFIXES))
         tokenizer = max(0, files.get("tokenizer.json", 0) - _TOKENIZER_IN_OVERHEAD)
-        try:
-            heads = int(model.get("num_attention_heads") or model["hidden_size"] // model["head_size"])
-            return cls(
-                weights_bytes=max(int(memory["weights_bytes"]), on_disk)
-                + int(tokenizer * TOKENIZER_LOAD_FACTOR),
-                kv_bytes_per_token=int(memory["kv_bytes_per_token"]),
-                num_attention_heads=heads,
-                hidden_size=int(model["hidden_size"]),
-                vocab_size=int(model["vocab_size"]),
-                context_length=int(model["context_length"]),
-                default_context=int(model.get("default_context") or model["context_length"]),
-                lm_head_pruned=bool(model.get("lm_head_pruned", False)),
-                precision=str(manifest.precision),
-                vision_scratch_bytes=int(memory.get("vision_scratch_bytes", 0)),
-                max_image_tokens=int((model.get("vision") or {}).get("max_image_tokens", 0)),
+        missing: list[str] = []
+
+        def figure(name: str, value: int | None) -> int:
+            if value is None:
+                missing.append(name)
+            return value or 0
+
+        hidden, head_size = figure("model.hidden_size", model.hidden_size), model.head_size
+        shape = cls(
+            weights_bytes=max(
+                figure("memory.weights_bytes", memory.weights_bytes), weights_on_disk(files.items())
             )
-        except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError) as exc:
-            raise ConfigError(f"the manifest of {manifest.name} lacks the memory figures ({exc})") from None
+            + int(tokenizer * TOKENIZER_LOAD_FACTOR),
+            kv_bytes_per_token=figure("memory.kv_bytes_per_token", memory.kv_bytes_per_token),
+            num_attention_heads=figure(
+                "model.num_attention_heads",
+                model.num_attention_heads or (hidden // head_size if hidden and head_size else None),
+            ),
+            hidden_size=hidden,
+            vocab_size=figure("model.vocab_size", model.vocab_size),
+            context_length=figure("model.context_length", model.context_length),
+            default_context=model.default_context or model.context_length or 0,
+            lm_head_pruned=bool(model.lm_head_pruned),
+            precision=manifest.precision,
+            vision_scratch_bytes=memory.vision_scratch_bytes or 0,
+            max_image_tokens=(model.vision.max_image_tokens or 0) if model.vision else 0,
+        )
+        if missing:
+            raise ConfigError(
+                f"the manifest of {manifest.name} lacks the memory figures {', '.join(missing)}"
+            )
+        return shape
 
     @classmethod
     def from_model_dir(cls, model_dir: Path) -> ModelShape:
@@ -219,12 +244,11 @@ class ModelShape:
             return cls.from_manifest(Manifest.from_bytes(manifest_file.read_bytes()))
         genai: dict[str, Any] = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))
         model, decoder = genai["model"], genai["model"]["decoder"]
-        weights = sum(p.stat().st_size for p in model_dir.rglob("*") if p.name.endswith(WEIGHT_SUFFIXES))
-        kv = kv_elements_per_token(decoder) * KV_BYTES["fp32"]
+        weights = weights_on_disk((p.name, p.stat().st_size) for p in model_dir.rglob("*") if p.is_file())
         context = int(model.get("context_length") or genai["search"]["max_length"])
         return cls(
             weights_bytes=weights,
-            kv_bytes_per_token=kv,
+            kv_bytes_per_token=decoder_kv_elements(decoder) * KV_BYTES["fp32"],
             num_attention_heads=int(decoder["num_attention_heads"]),
             hidden_size=int(decoder["hidden_size"]),
             vocab_size=int(model["vocab_size"]),
@@ -256,8 +280,8 @@ def check_facts(manifest: Manifest, model_dir: Path) -> None:
         genai = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))
         decoder = genai["model"]["decoder"]
         model, memory = manifest.model, manifest.memory
-        pairs = [(k, model.get(k), decoder.get(k)) for k in _DECODER_FACTS]
-        pairs += [(k, model.get(k), genai["model"].get(k)) for k in ("vocab_size", "context_length")]
+        pairs = [(k, getattr(model, k), decoder.get(k)) for k in _DECODER_FACTS]
+        pairs += [(k, getattr(model, k), genai["model"].get(k)) for k in ("vocab_size", "context_length")]
         wrong = [
             f"{k} {said} (genai_config.json: {real})"
             for k, said, real in pairs
@@ -265,12 +289,10 @@ def check_facts(manifest: Manifest, model_dir: Path) -> None:
         ]
         # The least a cache of these shapes takes: int8 where the bundle says it quantized
         # its KV cache (the rpi4 target does), else fp16.
-        least = (
-            kv_elements_per_token(decoder) * KV_BYTES["int8" if model.get("kv_cache") == "int8" else "fp16"]
-        )
-        if int(memory.get("kv_bytes_per_token", 0)) < least:
-            wrong.append(f"kv_bytes_per_token {memory.get('kv_bytes_per_token')} (the shapes need {least}+)")
-        if "vision" in genai["model"] and not model.get("vision"):
+        least = decoder_kv_elements(decoder) * KV_BYTES["int8" if model.kv_cache is KVCache.INT8 else "fp16"]
+        if (memory.kv_bytes_per_token or 0) < least:
+            wrong.append(f"kv_bytes_per_token {memory.kv_bytes_per_token} (the shapes need {least}+)")
+        if "vision" in genai["model"] and not model.vision:
             wrong.append("no vision facts for a vision model")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise BundleFormatError(f"genai_config.json lacks the model's shapes ({exc})") from None

@@ -646,7 +646,7 @@ def main() -> None:
 def _weights(bundle_path: Path) -> int:
     from edgephi.runtime import bundle
 
-    return int(bundle.open_bundle(bundle_path).manifest.memory["weights_bytes"])
+    return bundle.open_bundle(bundle_path).manifest.memory.weights_bytes or 0
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def main() -> None:
             result = evaluate.evaluate(
                 unpack(path, work / str(index)), ref, window=args.window, max_windows=args.windows
             )
-            rows.append((name, manifest.memory["weights_bytes"], result))
+            rows.append((name, manifest.memory.weights_bytes, result))
             print(f"  {name}: {result.table().splitlines()[1]}", flush=True)
     ref_ppl = rows[0][2].ppl_reference
     text = rows[0][2].text

@@ -119,6 +119,8 @@ def main() -> None:
         run(args.run, threads)
         return
     from edgephi.packager import finalize
+    from edgephi.runtime.sections import EncoderFacts
+    from edgephi.targets import Precision
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -141,7 +143,8 @@ def main() -> None:
             size = sum(f.stat().st_size for f in (folder / precision).glob("vision.onnx*"))
             seconds = min(r["seconds"] for r in results)
             peak = max(r["peak"] for r in results) / 2**30
-            estimate = finalize.vision_scratch({**encoder, "precision": precision}) / 2**30
+            facts = EncoderFacts(**encoder, precision=Precision(precision))
+            estimate = finalize.vision_scratch(facts) / 2**30
             print(
                 f"  {precision}  {size / 2**30:.2f} GiB on disk, {seconds:.1f} s, "
                 f"run added {peak:.2f} GiB (planner: {estimate:.2f} GiB)"

@@ -22,6 +22,7 @@ from edgephi.core.errors import (
 from edgephi.packager import finalize, writer
 from edgephi.runtime import bundle
 from edgephi.runtime.manifest import Manifest
+from edgephi.runtime.sections import MemoryFacts, ModelFacts, TargetFacts
 from edgephi.runtime.store import Store
 
 
@@ -40,10 +41,10 @@ def make_manifest(model_dir: Path, **over: object) -> Manifest:
         "name": "tiny",
         "version": "1.0.0",
         "precision": "int4",
-        "target": {"name": "cpu", "execution_provider": "cpu"},
+        "target": TargetFacts.from_dict({"name": "cpu", "execution_provider": "cpu"}),
         "files": tuple(finalize.file_entries(model_dir)),
-        "model": {"hidden_size": 4, "num_key_value_heads": 1, "head_size": 4, "num_hidden_layers": 1},
-        "memory": {"weights_bytes": 102400, "kv_bytes_per_token": 32},
+        "model": ModelFacts(hidden_size=4, num_key_value_heads=1, head_size=4, num_hidden_layers=1),
+        "memory": MemoryFacts(weights_bytes=102400, kv_bytes_per_token=32),
     }
     fields.update(over)
     return Manifest(**fields)

@@ -234,7 +234,9 @@ def test_bundle_for_another_cpu_is_refused_before_unpacking(phi3_bundle: Path, t
 
     installed = Store().install(phi3_bundle)
     other = "x86_64" if machine_arch() == "aarch64" else "aarch64"
-    manifest = dataclasses.replace(installed.manifest, target={**installed.manifest.target, "arch": other})
+    manifest = dataclasses.replace(
+        installed.manifest, target=dataclasses.replace(installed.manifest.target, arch=other)
+    )
     foreign = tmp_path / "foreign.phi"
     writer.write_bundle(foreign, manifest, installed.path)
     proc = subprocess.run(

@@ -150,8 +150,8 @@ def test_family_packs_and_edge_run_matches_og(family: str, bundles, store: Store
     bundle = bundles(family)
     installed = store.install(bundle)
     manifest = installed.manifest
-    assert manifest.model["architecture"] == tiny.SPECS[family]["config"]["architectures"][0]
-    assert (manifest.precision, manifest.target["name"]) == ("int4", "cpu")
+    assert manifest.model.architecture == tiny.SPECS[family]["config"]["architectures"][0]
+    assert (manifest.precision, manifest.target.name) == ("int4", "cpu")
     engine = load(bundle, store=store)
     ids = list(engine.prepare(engine.format_prompt([{"role": "user", "content": QUESTION}])).ids)
     expected = og_greedy(installed.path, ids, TOKENS)
@@ -239,7 +239,7 @@ def test_the_memory_plan_counts_the_kv_cache_og_allocates(family: str, bundles, 
     # holds for every layer: the model's own K/V width (explicit head_dim included).
     genai = json.loads((installed.path / "genai_config.json").read_text())
     assert "sliding_window" not in genai["model"]["decoder"]
-    assert installed.manifest.memory["kv_bytes_per_token"] == _kv_bytes_per_token(family_dir(family))
+    assert installed.manifest.memory.kv_bytes_per_token == _kv_bytes_per_token(family_dir(family))
 
 
 def test_a_sliding_window_model_stays_within_its_plan_at_a_long_context(bundles, store: Store) -> None:  # type: ignore[no-untyped-def]
@@ -249,7 +249,7 @@ def test_a_sliding_window_model_stays_within_its_plan_at_a_long_context(bundles,
     bundle = bundles("gemma3")
     context = 16384
     p = plan_for(bundle, context=context, store=store)
-    kv = p.max_length * store.install(bundle).manifest.memory["kv_bytes_per_token"]
+    kv = p.max_length * store.install(bundle).manifest.memory.kv_bytes_per_token
     assert p.max_length == context and kv > 40 * 2**20  # the KV cache is the bulk of the plan
     prompt = " ".join(f"wave {i} of the sea," for i in range(context // 12))
     code, peak, stderr = edge_run_peak(

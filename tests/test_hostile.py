@@ -316,6 +316,18 @@ CASES: dict[str, Craft] = {
     "manifest understates the KV cache": signed(
         default_files(), memory={"weights_bytes": 0, "kv_bytes_per_token": 1}
     ),
+    # Malformed sections are refused when the manifest is read (edgephi.runtime.sections),
+    # not later by the planner or the loader.
+    "manifest memory figure as text": signed(default_files(), memory={"weights_bytes": "1 GiB"}),
+    "manifest model shape negative": signed(default_files(), model={"num_hidden_layers": -1}),
+    "manifest model is a list": signed(default_files(), model=[1, 4]),
+    "manifest target for an unknown provider": signed(
+        default_files(), target={"name": "cpu", "execution_provider": "npu", "arch": "any"}
+    ),
+    "manifest vision encoder not an object": signed(default_files(), model={"vision": {"encoder": [336]}}),
+    "manifest generation defaults of the wrong type": signed(
+        default_files(), model={"generation": {"do_sample": "yes"}}
+    ),
     "genai_config config entry naming a file": genai(
         session({"config_entries": {"ep.context_file_path": "/tmp/x"}})
     ),
@@ -392,6 +404,12 @@ REASONS = {
     "genai_config config entry naming a file": "not an allowed onnxruntime config entry",
     "manifest understates the model's width": "hidden_size 1 (genai_config.json: 4)",
     "manifest understates the KV cache": "kv_bytes_per_token 1 (the shapes need 16+)",
+    "manifest memory figure as text": "memory.weights_bytes must be a non-negative integer, not '1 GiB'",
+    "manifest model shape negative": "model.num_hidden_layers must be a non-negative integer, not -1",
+    "manifest model is a list": "manifest model must be an object",
+    "manifest target for an unknown provider": "target.execution_provider is 'npu', not one of cpu, cuda, dml",
+    "manifest vision encoder not an object": "model.vision.encoder must be an object",
+    "manifest generation defaults of the wrong type": "model.generation.do_sample must be true or false",
     "genai_config loads a custom-op library": "would load code",
     "genai_config enables profiling": "would load code",
     "genai_config provider library path": "is a path",

@@ -172,8 +172,8 @@ def test_an_ort_bundle_loads_and_generates(tmp_path: Path, store: Store) -> None
     path = build_bundle(tiny.tiny_model("llama"), tmp_path / "ort.phi", model_format=ModelFormat.ORT)
     manifest = bundle.open_bundle(path).manifest
     assert {f.path for f in manifest.files} >= {"model.ort", optimize.OPS_CONFIG}
-    assert manifest.model["graph"]["format"] == "ort"
-    assert manifest.memory["weights_bytes"] >= next(f.size for f in manifest.files if f.path == "model.ort")
+    assert manifest.model.graph.format is ModelFormat.ORT
+    assert manifest.memory.weights_bytes >= next(f.size for f in manifest.files if f.path == "model.ort")
     engine = load(path, store=store)
     text = engine.generate(
         [{"role": "user", "content": "hi"}], GenerationOptions(max_tokens=5, temperature=0)

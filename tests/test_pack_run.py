@@ -61,12 +61,12 @@ def test_phi35_bundle_describes_itself(phi3_bundle: Path, store: Store) -> None:
     installed = store.install(phi3_bundle)
     m = installed.manifest
     assert (m.name, m.version, m.precision) == ("phi35-tiny", "1.0.0", "int4")
-    assert m.model["architecture"] == "Phi3ForCausalLM"
-    assert m.model["context_length"] == 131072
+    assert m.model.architecture == "Phi3ForCausalLM"
+    assert m.model.context_length == 131072
     assert m.chat_template is True
-    assert m.memory["weights_bytes"] > 0
+    assert m.memory.weights_bytes > 0
     # 2 layers x 4 KV heads x 32 dims x (K and V) x 4 bytes
-    assert m.memory["kv_bytes_per_token"] == 2 * 4 * 32 * 2 * 4
+    assert m.memory.kv_bytes_per_token == 2 * 4 * 32 * 2 * 4
     genai = json.loads((installed.path / "genai_config.json").read_text())
     assert genai["search"]["max_length"] == 2048  # not the builder's 131072
     assert 32007 in genai["model"]["eos_token_id"]  # Phi-3's <|end|> ends a turn
@@ -99,9 +99,7 @@ def test_other_families_pack_and_generate(family: str, bundles_dir: Path, store:
     first = engine.generate(HELLO, GREEDY).text
     assert engine.last_stats is not None and engine.last_stats.generated_tokens >= 1
     assert engine.generate(HELLO, GREEDY).text == first  # greedy is deterministic
-    assert (
-        store.install(out).manifest.model["architecture"] == tiny.SPECS[family]["config"]["architectures"][0]
-    )
+    assert store.install(out).manifest.model.architecture == tiny.SPECS[family]["config"]["architectures"][0]
 
 
 def test_smollm2_knows_the_capital_of_france(smollm2_bundle: Path) -> None:
@@ -152,7 +150,7 @@ def test_a_model_without_generation_settings_gets_a_mild_repetition_penalty(
 ) -> None:
     """The GGUF carries no generation settings: greedy alone loops on the README's example."""
     installed = store.install(smollm2_bundle)
-    assert installed.manifest.model["generation"] == {
+    assert installed.manifest.model.generation.to_dict() == {
         "do_sample": False,
         "temperature": 1.0,
         "top_k": 50,
@@ -186,7 +184,7 @@ def test_the_model_authors_generation_settings_are_kept(tmp_path: Path, store: S
         )
     )
     installed = store.install(build_bundle(source, tmp_path / "s.phi"))
-    generation = installed.manifest.model["generation"]
+    generation = installed.manifest.model.generation.to_dict()
     assert (generation["from"], generation["do_sample"], generation["temperature"]) == (
         "generation_config",
         True,

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from edgephi.runtime import bundle, manifest, modelcheck, signing
+from edgephi.runtime.sections import TargetFacts
 
 SPEC = (Path(__file__).resolve().parent.parent / "docs" / "bundle-format.md").read_text(encoding="utf-8")
 
@@ -52,6 +53,6 @@ def test_model_file_rules() -> None:
 
 def test_manifest_keys_are_all_documented() -> None:
     table = section("## 2. Manifest")
-    example = manifest.Manifest(name="x", version="1.0.0", precision="int4", target={}, files=())
+    example = manifest.Manifest(name="x", version="1.0.0", precision="int4", target=TargetFacts(), files=())
     for key in example.to_dict():
         assert f"| `{key}` |" in table, key

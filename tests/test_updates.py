@@ -36,6 +36,7 @@ from edgephi.packager import finalize, writer
 from edgephi.packager.publish import publish, write_index
 from edgephi.runtime import bundle, download, load, updater
 from edgephi.runtime.options import GenerationOptions
+from edgephi.runtime.sections import TargetFacts
 from edgephi.runtime.signing import SigningKey, make_rotation
 from edgephi.runtime.store import DISK_MARGIN, Store
 
@@ -95,7 +96,7 @@ def releases(phi3_bundle: Path, key: SigningKey, tmp_path_factory: pytest.TempPa
             "2.0.0",
             key,
             note("arm"),
-            target={"name": "rpi5", "execution_provider": "cpu", "arch": "riscv64"},
+            target=TargetFacts.from_dict({"name": "rpi5", "execution_provider": "cpu", "arch": "riscv64"}),
         ),
     }
 

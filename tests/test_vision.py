@@ -108,7 +108,7 @@ def test_planner_counts_the_encoder_and_the_image_tokens(vision_bundle: Path) ->
     # scores and their softmax 2 * 577^2 = 665,858; MLP 2 * 577 * 128 = 147,712; activations
     # 6 * 577 * 64 = 221,568; pixels 3 * 336^2 = 338,688 -> 1,373,826 floats per crop,
     # x 17 x 4 = 93,420,168 bytes.
-    assert manifest.memory["vision_scratch_bytes"] == 93_420_168 == shape.vision_scratch_bytes
+    assert manifest.memory.vision_scratch_bytes == 93_420_168 == shape.vision_scratch_bytes
     assert shape.max_image_tokens == 2653 and shape.default_context == 4096
     text_only = memory.ModelShape(**{**shape.__dict__, "vision_scratch_bytes": 0})
     assert shape.need(1000) - text_only.need(1000) == 93_420_168
@@ -140,7 +140,7 @@ def test_bundle_describes_its_sessions_and_inputs(vision_bundle: Path) -> None:
         decoder = onnx.load_model_from_string(zf.read("model/model.onnx"))
         vision_graph = onnx.load_model_from_string(zf.read("model/vision.onnx"))
     assert {"model/vision.onnx", "model/embedding.onnx", "model/processor_config.json"} <= names
-    model = manifest.model
+    model = manifest.model.to_dict()
     assert model["architecture"] == "Phi3VForCausalLM" and model["modalities"] == ["text", "image"]
     assert model["sessions"]["vision"] == {
         "file": "vision.onnx",
@@ -296,14 +296,14 @@ def test_an_int8_vision_bundle_is_smaller_and_answers(
 
     manifest, size = image_side(out)
     fp32, fp32_size = image_side(vision_bundle)
-    assert manifest.model["vision"]["encoder"]["precision"] == "int8"
+    assert manifest.model.vision.encoder.precision is Precision.INT8
     assert fp32.model["vision"]["encoder"]["precision"] == "fp32"
     # Weights in 8 bits plus one FP32 scale per 32: 36/128 of the bytes; the patch
     # convolution and the position table stay FP32.
     assert size < 0.45 * fp32_size
-    assert manifest.memory["weights_bytes"] < fp32.memory["weights_bytes"]
+    assert manifest.memory.weights_bytes < fp32.memory.weights_bytes
     # The int8 blocks' workspace: one more MLP activation, 17 crops x 577 tokens x 128 x 4 bytes.
-    assert manifest.memory["vision_scratch_bytes"] == 93_420_168 + 5_022_208
+    assert manifest.memory.vision_scratch_bytes == 93_420_168 + 5_022_208
     shown = subprocess.run(
         [*exe("edge-pack"), "inspect", str(out)], capture_output=True, text=True, timeout=120
     )
