@@ -82,8 +82,8 @@ def _load(
     context: int | None,
     memory_budget: str | None,
     insecure_skip_verify: bool,
-) -> Engine:
-    engine = loader.load(
+) -> loader.LoadedModel:
+    loaded = loader.load_model(
         bundle,
         store=Store(store),
         threads=threads,
@@ -91,19 +91,18 @@ def _load(
         memory_budget=memory.parse_size(memory_budget) if memory_budget else None,
         insecure_skip_verify=insecure_skip_verify,
     )
-    if engine.verification is not None and engine.verification.warning:
-        console.info(engine.verification.warning)
-    if engine.plan is not None and engine.plan.limited_by == "memory":
-        console.info(
-            f"(context limited to {engine.plan.max_length} tokens by the memory budget; `--plan` explains)"
-        )
-    most = engine.plan.shape.max_image_tokens if engine.plan is not None else 0
+    engine, plan = loaded.engine, loaded.plan
+    if loaded.verification is not None and loaded.verification.warning:
+        console.info(loaded.verification.warning)
+    if plan.limited_by == "memory":
+        console.info(f"(context limited to {plan.max_length} tokens by the memory budget; `--plan` explains)")
+    most = plan.shape.max_image_tokens
     if engine.vision and most and engine.context < most + memory.MIN_CONTEXT:
         console.info(
             f"(a picture takes up to {most} tokens, a square one {image_tokens(1, 1)}; "
             f"the {engine.context}-token context may not hold one; `--plan` explains)"
         )
-    return engine
+    return loaded
 
 
 @app.command()
@@ -197,7 +196,7 @@ def run(
         print(f"{'device':<10}{cpu_info().describe()}")
         print(the_plan.describe())
         return
-    engine = _load(bundle, store, threads, context, memory_budget, insecure_skip_verify)
+    engine = _load(bundle, store, threads, context, memory_budget, insecure_skip_verify).engine
     engine.check_images(pictures)
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read().strip()
@@ -693,9 +692,8 @@ def serve(
                 f"the memory budget holds {holds}",
                 hint="ask for fewer slots, a smaller --context, or a larger --memory-budget",
             )
-    engine = _load(bundle, store, threads, context, memory_budget, insecure_skip_verify)
-    name = engine.model_name
-    fit = engine.plan.kv_caches() if engine.plan is not None else 1
+    loaded = _load(bundle, store, threads, context, memory_budget, insecure_skip_verify)
+    engine, name, fit = loaded.engine, loaded.engine.model_name, loaded.plan.kv_caches()
     config = server.ServerConfig(
         model_name=name,
         host=host,
@@ -731,7 +729,7 @@ def bench(
     from edgephi.runtime import bench as benchmark
 
     result = benchmark.run(
-        lambda: _load(bundle, store, threads, context, memory_budget, insecure_skip_verify),
+        lambda: _load(bundle, store, threads, context, memory_budget, insecure_skip_verify).engine,
         prompt_tokens=prompt_tokens,
         tokens=tokens,
         runs=runs,

@@ -139,14 +139,22 @@ class Engine:
         threads: int | None = None,
         context: int | None = None,
         chat_template: bool = True,
+        name: str | None = None,
+        in_use: object = None,
     ) -> None:
+        """``name`` is the manifest's (the loader has read it; else it is read here);
+        ``in_use`` is held as long as the engine: the store's lock on an installed model,
+        which `edge-run rm` and `prune` respect."""
         self.model_dir = Path(model_dir)
         manifest_file = self.model_dir / "manifest.json"
-        self.model_name = (
-            str(json.loads(manifest_file.read_text(encoding="utf-8")).get("name", self.model_dir.name))
-            if manifest_file.is_file()
-            else self.model_dir.name
-        )
+        if name is None:
+            name = (
+                str(json.loads(manifest_file.read_text(encoding="utf-8")).get("name", self.model_dir.name))
+                if manifest_file.is_file()
+                else self.model_dir.name
+            )
+        self.model_name = name
+        self.in_use = in_use
         self.threads = threads or default_threads()
         genai = json.loads((self.model_dir / "genai_config.json").read_text(encoding="utf-8"))
         shipped = int(genai.get("search", {}).get("max_length") or 2048)
@@ -181,10 +189,6 @@ class Engine:
             p.name[: -len(".onnx_adapter")] for p in (self.model_dir / "adapters").glob("*.onnx_adapter")
         )
         self._adapters: Any = None
-        self.verification: Any = None  # set by the loader: how the bundle's origin was checked
-        self.plan: Any = None  # set by the loader: the memory plan behind ``context``
-        # Set by the loader for a model in the store: the lock `edge-run rm` and `prune` see.
-        self.in_use: Any = None
         self.session = Session(self)  # the KV cache that stream() and generate() reuse
         # Chat templates render in a child forked now, while it shares little but the weights.
         self._templates: sandbox.Worker | None = None

@@ -1,4 +1,5 @@
-"""The Python entry point of the device runtime: ``load("model.phi")`` → a ready ``Engine``.
+"""The Python entry point of the device runtime: ``load("model.phi")`` → a ready ``Engine``
+(``load_model`` → the engine with its memory plan, manifest and signature check).
 
 Order of work, cheapest check first: read and check the bundle's header (signature
 policy, layout); check it was built for this device (CPU architecture, execution
@@ -10,11 +11,12 @@ planned context and thread count. An already unpacked model folder skips the bun
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from edgephi.core.errors import BundleNotFound, ConfigError, IncompatibleBundle, NotAModel
 from edgephi.runtime import __about__, memory
-from edgephi.runtime.bundle import TrustPolicy, open_bundle
+from edgephi.runtime.bundle import TrustPolicy, Verification, open_bundle
 from edgephi.runtime.device import ARCH_ALIASES, machine_arch
 from edgephi.runtime.engine import Engine
 from edgephi.runtime.genai import default_threads
@@ -134,7 +136,20 @@ def _check_model_dir(path: Path) -> None:
         )
 
 
-def load(
+@dataclass(frozen=True)
+class LoadedModel:
+    """What ``load_model`` gives: the engine, and what was learnt on the way, read once —
+    the manifest (``None`` for a folder without one), the memory plan behind the engine's
+    context, and how the bundle's origin was checked (``None`` for a folder: checked when
+    it was installed, if it ever was)."""
+
+    engine: Engine
+    plan: memory.MemoryPlan
+    manifest: Manifest | None
+    verification: Verification | None
+
+
+def load_model(
     source: str | Path,
     *,
     store: Store | None = None,
@@ -142,8 +157,8 @@ def load(
     context: int | None = None,
     memory_budget: int | None = None,
     insecure_skip_verify: bool = False,
-) -> Engine:
-    """Load a bundle or an unpacked model folder, ready to ``stream()`` from."""
+) -> LoadedModel:
+    """Load a bundle or an unpacked model folder: the engine, its plan and its provenance."""
     path = resolve(source, store)
     budget, why = _budget(memory_budget)
     if path.is_dir():
@@ -153,19 +168,20 @@ def load(
         if manifest_file.is_file():
             manifest = Manifest.from_bytes(manifest_file.read_bytes())
             check_runnable(manifest)
-        mem_plan = memory.plan(
-            memory.ModelShape.from_model_dir(path), requested=context, budget=budget, budget_source=why
+        shape = (
+            memory.ModelShape.from_manifest(manifest) if manifest else memory.ModelShape.from_model_dir(path)
         )
+        mem_plan = memory.plan(shape, requested=context, budget=budget, budget_source=why)
+        by_name = path.resolve().parent.parent == (store or Store()).models_dir.resolve()
         engine = Engine(
             path,
             threads=choose_threads(threads, manifest),
             context=mem_plan.max_length,
             chat_template=manifest.chat_template if manifest else True,
+            name=manifest.name if manifest else path.name,
+            in_use=InUse(path) if by_name else None,  # a model run by name from the store
         )
-        engine.plan = mem_plan
-        if path.resolve().parent.parent == (store or Store()).models_dir.resolve():
-            engine.in_use = InUse(path)  # a model run by name from the store
-        return engine
+        return LoadedModel(engine, mem_plan, manifest, None)
     if not path.exists():
         raise BundleNotFound(f"{path} does not exist")
     store = store or Store()
@@ -183,8 +199,28 @@ def load(
         threads=choose_threads(threads, installed.manifest),
         context=mem_plan.max_length,
         chat_template=installed.manifest.chat_template,
+        name=installed.manifest.name,
+        in_use=InUse(installed.path),
     )
-    engine.verification = installed.verification
-    engine.plan = mem_plan
-    engine.in_use = InUse(installed.path)
-    return engine
+    return LoadedModel(engine, mem_plan, installed.manifest, installed.verification)
+
+
+def load(
+    source: str | Path,
+    *,
+    store: Store | None = None,
+    threads: int | None = None,
+    context: int | None = None,
+    memory_budget: int | None = None,
+    insecure_skip_verify: bool = False,
+) -> Engine:
+    """Load a bundle or an unpacked model folder, ready to ``stream()`` from: the engine of
+    ``load_model``, for callers that need neither its plan nor its provenance."""
+    return load_model(
+        source,
+        store=store,
+        threads=threads,
+        context=context,
+        memory_budget=memory_budget,
+        insecure_skip_verify=insecure_skip_verify,
+    ).engine

@@ -318,12 +318,12 @@ def attention_worker(bundle: str, tokens: int) -> dict[str, Any]:
 
 def long_chat(bundle: str, questions: list[str], answer: int, turns: int) -> dict[str, Any]:
     """Turns past the bundle's context: drops, TTFT, and peak RSS against the plan."""
-    from edgephi.runtime import load
     from edgephi.runtime.chat import Conversation
+    from edgephi.runtime.loader import load_model
     from edgephi.runtime.options import GenerationOptions
 
-    engine = load(bundle, insecure_skip_verify=True)
-    assert engine.plan is not None
+    loaded = load_model(bundle, insecure_skip_verify=True)
+    engine = loaded.engine
     options = GenerationOptions(max_tokens=answer, min_tokens=answer, temperature=0.0)
     chat = Conversation(engine)
     ttft, drop_turns = [], []
@@ -339,7 +339,7 @@ def long_chat(bundle: str, questions: list[str], answer: int, turns: int) -> dic
         "ttft": ttft,
         "drop_turns": drop_turns,
         "peak_rss": common.peak_rss(),
-        "plan_need": engine.plan.need,
+        "plan_need": loaded.plan.need,
         "context": engine.context,
     }
 

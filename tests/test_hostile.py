@@ -407,7 +407,7 @@ REASONS = {
     "manifest memory figure as text": "memory.weights_bytes must be a non-negative integer, not '1 GiB'",
     "manifest model shape negative": "model.num_hidden_layers must be a non-negative integer, not -1",
     "manifest model is a list": "manifest model must be an object",
-    "manifest target for an unknown provider": "target.execution_provider is 'npu', not one of cpu, cuda, dml",
+    "manifest target for an unknown provider": "execution_provider is 'npu', not one of cpu, cuda, dml",
     "manifest vision encoder not an object": "model.vision.encoder must be an object",
     "manifest generation defaults of the wrong type": "model.generation.do_sample must be true or false",
     "genai_config loads a custom-op library": "would load code",

@@ -248,8 +248,10 @@ def test_int8_kv_cache_target_builds_and_plans_smaller(target_bundle, store: Sto
 LONG_CHAT = """
 import sys
 from pathlib import Path
-from edgephi.runtime import GenerationOptions, load
-engine = load(Path(sys.argv[1]), memory_budget=int(sys.argv[2]))
+from edgephi.runtime import GenerationOptions
+from edgephi.runtime.loader import load_model
+loaded = load_model(Path(sys.argv[1]), memory_budget=int(sys.argv[2]))
+engine = loaded.engine
 chat = engine.chat(system="You are a patient guide to the sea.")
 options = GenerationOptions(max_tokens=24, min_tokens=24, temperature=0.0)
 cached = []
@@ -259,7 +261,7 @@ for i in range(50):
     chat.settle()
 status = Path("/proc/self/status").read_text()
 peak = next(int(l.split()[1]) * 1024 for l in status.splitlines() if l.startswith("VmHWM:"))
-print(peak, engine.plan.need, chat.dropped, sum(c > 0 for c in cached))
+print(peak, loaded.plan.need, chat.dropped, sum(c > 0 for c in cached))
 """
 
 
