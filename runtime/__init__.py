@@ -11,9 +11,9 @@ transformers, onnx and the packager are never imported from here.
 
 from edgephi.core.errors import EdgeError
 from edgephi.runtime.__about__ import VERSION
-from edgephi.runtime.loader import install, load
+from edgephi.runtime.loader import LoadedModel, install, load, load_model
 from edgephi.runtime.options import GenerationOptions
 
 __version__ = VERSION
 
-__all__ = ["EdgeError", "GenerationOptions", "__version__", "install", "load"]
+__all__ = ["EdgeError", "GenerationOptions", "LoadedModel", "__version__", "install", "load", "load_model"]

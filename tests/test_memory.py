@@ -13,6 +13,7 @@ from conftest import edge_run_peak
 from edgephi.core.errors import ConfigError, InsufficientMemory
 from edgephi.runtime import bundle, load, memory
 from edgephi.runtime.chat import Conversation
+from edgephi.runtime.loader import load_model
 from edgephi.runtime.loader import plan as plan_for
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.store import Store
@@ -296,3 +297,23 @@ def test_the_plan_counts_the_weight_files_and_a_large_tokenizer_whatever_the_man
     )
     big = memory.ModelShape.from_manifest(dataclasses.replace(real, files=files))
     assert big.weights_bytes - memory.ModelShape.from_manifest(real).weights_bytes > 600 << 20
+
+
+def test_load_model_gives_the_plan_the_engine_runs_with_and_reads_the_manifest_once(
+    smollm2_bundle: Path, tmp_path: Path
+) -> None:
+    shape = memory.ModelShape.from_manifest(bundle.open_bundle(smollm2_bundle).manifest)
+    budget = memory.plan(shape, requested=512, budget=None).need
+    loaded = load_model(smollm2_bundle, store=Store(tmp_path / "store"), memory_budget=budget)
+    assert loaded.plan.limited_by == "memory" and loaded.engine.context == loaded.plan.max_length <= 512
+    assert (
+        loaded.manifest is not None
+        and loaded.manifest.digest == bundle.open_bundle(smollm2_bundle).manifest.digest
+    )
+    assert loaded.verification is not None and loaded.verification.status == "unsigned"
+    assert loaded.engine.in_use is not None  # the store's lock, held as long as the engine
+
+    # The installed folder, run by path: the same manifest and plan, no signature to report.
+    folder = load_model(loaded.engine.model_dir, store=Store(tmp_path / "store"), memory_budget=budget)
+    assert folder.manifest == loaded.manifest and folder.verification is None
+    assert folder.engine.model_name == loaded.manifest.name and folder.plan == loaded.plan
