@@ -23,13 +23,14 @@ def smoke_test(model_dir: Path, chat_template: bool) -> dict[str, Any]:
     """
     try:
         engine = Engine(model_dir, context=256, chat_template=chat_template)
-        text = engine.generate(
+        done = engine.generate(
             [{"role": "user", "content": HEALTH_PROMPT}],
             GenerationOptions(max_tokens=HEALTH_TOKENS, temperature=0.0),
-        ).text
+        )
     except EdgeError as exc:
         raise BuildError(f"the exported model does not run in onnxruntime-genai: {exc}") from None
-    if engine.last_stats is None or engine.last_stats.generated_tokens == 0:
+    text = done.text
+    if done.stats.generated_tokens == 0:
         raise BuildError("the exported model loads but generates nothing")
     if engine.vision:
         _look(model_dir, chat_template)
@@ -48,13 +49,12 @@ def _look(model_dir: Path, chat_template: bool) -> None:
     picture = images.Image(images.png(width, height, rgb), "png", width, height, "a test picture")
     try:
         engine = Engine(model_dir, context=picture.tokens + 64, chat_template=chat_template)
-        engine.generate(
+        stats = engine.generate(
             [{"role": "user", "content": "What is in this picture?"}],
             GenerationOptions(max_tokens=HEALTH_TOKENS, temperature=0.0),
             images=[picture],
-        )
+        ).stats
     except EdgeError as exc:
         raise BuildError(f"the exported vision model cannot look at a picture: {exc}") from None
-    stats = engine.last_stats
-    if stats is None or stats.generated_tokens == 0 or stats.prompt_tokens < picture.tokens:
+    if stats.generated_tokens == 0 or stats.prompt_tokens < picture.tokens:
         raise BuildError("the exported vision model does not answer about a picture")

@@ -104,8 +104,9 @@ def run(engine_factory: Any, *, prompt_tokens: int = 128, tokens: int = 64, runs
     for _ in range(runs):
         # The same prompt again would come from the KV cache: time a cold prefill.
         session.reset()
-        "".join(engine.stream_prompt(prompt, options, session=session))
-        stats = engine.last_stats
+        answer = engine.stream_prompt(prompt, options, session=session)
+        "".join(answer)
+        stats = answer.stats
         assert stats is not None
         ttft.append(stats.ttft_s)
         decode.append(stats.decode_tokens_per_s)

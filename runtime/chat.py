@@ -22,7 +22,7 @@ from edgephi.core.errors import ContextOverflow
 from edgephi.runtime.engine import Engine, Message, image_tag
 from edgephi.runtime.images import Image
 from edgephi.runtime.options import GenerationOptions
-from edgephi.runtime.session import Session
+from edgephi.runtime.session import Answer, Session
 
 
 @dataclass
@@ -85,8 +85,17 @@ class Conversation:
                 start += 2 if len(self.messages) - start > 2 else 1
             start = min(start, len(self.messages) - 1)
 
-    def ask(self, text: str, options: GenerationOptions, images: Sequence[Image] = ()) -> Iterator[str]:
-        """Add a user turn (with any images) and stream the answer; it joins the history when complete."""
+    def ask(self, text: str, options: GenerationOptions, images: Sequence[Image] = ()) -> Answer:
+        """Add a user turn (with any images) and stream the answer; it joins the history when
+        complete. Checks run when the first chunk is asked for."""
+        answered: list[Answer] = []  # the session's answer, once the turn has started
+        return Answer(
+            self._turn(text, options, images, answered), lambda: answered[0].stats if answered else None
+        )
+
+    def _turn(
+        self, text: str, options: GenerationOptions, images: Sequence[Image], answered: list[Answer]
+    ) -> Iterator[str]:
         self.engine.check_images(images)
         self.messages.append({"role": "user", "content": text})
         self.images.append(list(images))
@@ -100,12 +109,14 @@ class Conversation:
             self.messages.pop()
             self.images.pop()
             raise
+        answered.append(chunks)
         parts: list[str] = []
         try:
             for chunk in chunks:
                 parts.append(chunk)
                 yield chunk
         finally:
+            chunks.close()
             # Also an answer cut short (Ctrl-C) joins the history, so turns keep alternating.
             self.messages.append({"role": "assistant", "content": "".join(parts)})
             self.images.append([])

@@ -29,7 +29,7 @@ from edgephi.runtime.chat import Conversation
 from edgephi.runtime.engine import Engine
 from edgephi.runtime.images import Image, image_tokens, load_image
 from edgephi.runtime.options import GenerationOptions
-from edgephi.runtime.session import Session
+from edgephi.runtime.session import Session, Stats
 from edgephi.runtime.signing import MAX_ROTATION_BYTES
 from edgephi.runtime.store import Store
 
@@ -225,33 +225,40 @@ def as_flags(message: str) -> str:
     return _OPTION_NAMES.sub(lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
-Printer = Callable[[Conversation, str, GenerationOptions, bool, Sequence[Image]], None]
+# Prints one answer of the chat and gives back its stats.
+Printer = Callable[[Conversation, str, GenerationOptions, bool, Sequence[Image]], Stats | None]
 
 
 def _answer(
     conversation: Conversation, text: str, options: GenerationOptions, stats: bool, images: Sequence[Image]
-) -> None:
+) -> Stats | None:
     dropped = conversation.dropped
-    for chunk in conversation.ask(text, options, images):
-        sys.stdout.write(chunk)
-        sys.stdout.flush()
+    answer = conversation.ask(text, options, images)
+    try:
+        for chunk in answer:
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+    finally:
+        answer.close()  # Ctrl-C: the answer stops here
     sys.stdout.write("\n")
     sys.stdout.flush()
     if conversation.dropped > dropped:
         console.info(f"(dropped {conversation.dropped - dropped} oldest exchange(s) to fit the context)")
-    if stats and conversation.engine.last_stats:
-        console.info(conversation.engine.last_stats.line())
+    if stats and answer.stats:
+        console.info(answer.stats.line())
+    return answer.stats
 
 
 def _json_answer(
     conversation: Conversation, text: str, options: GenerationOptions, stats: bool, images: Sequence[Image]
-) -> None:
+) -> Stats | None:
     dropped = conversation.dropped
-    answer = "".join(conversation.ask(text, options, images))
-    record: dict[str, object] = {"text": answer, "dropped_exchanges": conversation.dropped - dropped}
-    if conversation.engine.last_stats:
-        record["stats"] = conversation.engine.last_stats.to_dict()
+    answer = conversation.ask(text, options, images)
+    record: dict[str, object] = {"text": "".join(answer), "dropped_exchanges": conversation.dropped - dropped}
+    if answer.stats:
+        record["stats"] = answer.stats.to_dict()
     print(json.dumps(record, ensure_ascii=False), flush=True)
+    return answer.stats
 
 
 CHAT_HELP = (
@@ -356,8 +363,7 @@ def _chat(
                 continue
             try:
                 shown, pending[:] = list(pending), []
-                printer(conversation, text, options, stats, shown)
-                last = engine.last_stats
+                last = printer(conversation, text, options, stats, shown)
                 if printer is _answer and last is not None and last.finish_reason == "length":
                     console.info(f"(cut at --max-tokens {options.max_tokens}; raise -n for longer answers)")
             except EdgeError as exc:

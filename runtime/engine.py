@@ -3,8 +3,8 @@
 ``Engine`` wraps onnxruntime-genai. It loads the model with an explicit thread count and
 context length applied through og's config overlay (the installed files are never
 edited), turns chat messages into a prompt with the model's own chat template, and
-``stream()`` yields decoded text as tokens arrive; the statistics of the last call are
-in ``last_stats``. The answer itself runs in a ``Session`` (``edgephi.runtime.session``),
+``stream()`` returns an ``Answer`` that yields decoded text as tokens arrive and holds the
+answer's statistics once it ends. The answer itself runs in a ``Session`` (``edgephi.runtime.session``),
 which keeps its generator's KV cache between answers: the engine's own session serves
 ``stream``/``generate`` and every ``Conversation``, so a prompt that repeats the start of
 the previous one (a chat's history, a shared system prompt) computes only what is new.
@@ -23,7 +23,7 @@ import json
 import re
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +34,7 @@ from edgephi.runtime.genai import default_threads, og, open_model
 from edgephi.runtime.images import Image, load_image
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.sampling import SearchDefaults
-from edgephi.runtime.session import Request, Session, Stats
+from edgephi.runtime.session import Answer, Request, Session, Stats
 
 if TYPE_CHECKING:
     from edgephi.runtime.chat import Conversation
@@ -183,7 +183,6 @@ class Engine:
             self._processor: Any = self._model.create_multimodal_processor() if self.vision else None
         except Exception as exc:  # og raises plain RuntimeError/OSError with its own text
             raise GenerationError(f"onnxruntime-genai could not load {self.model_dir}: {exc}") from None
-        self.last_stats: Stats | None = None
         # LoRA adapters shipped beside the model (edgephi.packager.adapters), loaded on first use.
         self.adapter_names = sorted(
             p.name[: -len(".onnx_adapter")] for p in (self.model_dir / "adapters").glob("*.onnx_adapter")
@@ -270,8 +269,8 @@ class Engine:
         *,
         images: Sequence[ImageLike] = (),
         logits_hook: LogitsHook | None = None,
-    ) -> Iterator[str]:
-        """Yield the answer to ``messages`` chunk by chunk; stats land in ``last_stats``.
+    ) -> Answer:
+        """The answer to ``messages``, chunk by chunk; ``Answer.stats`` once it has ended.
 
         ``images`` (paths, bytes or checked ``Image``s) go with a vision model's prompt:
         where the messages tag them (``<|image_1|>``, …), else before the last user turn.
@@ -306,7 +305,7 @@ class Engine:
         images: Sequence[Image] = (),
         logits_hook: LogitsHook | None = None,
         session: Session | None = None,
-    ) -> Iterator[str]:
+    ) -> Answer:
         """Like ``stream`` for a prompt that is already formatted (and tags its ``images``).
 
         ``session`` is the KV cache to answer in (default: the engine's own).
@@ -404,6 +403,7 @@ class Engine:
         logits_hook: LogitsHook | None = None,
     ) -> Completion:
         """The whole answer and its statistics."""
-        text = "".join(self.stream(messages, options, images=images, logits_hook=logits_hook))
-        assert self.last_stats is not None
-        return Completion(text, self.last_stats)
+        answer = self.stream(messages, options, images=images, logits_hook=logits_hook)
+        text = "".join(answer)
+        assert answer.stats is not None  # it ran out
+        return Completion(text, answer.stats)

@@ -58,7 +58,7 @@ from edgephi.runtime import tools
 from edgephi.runtime.engine import IMAGE_TAG, Engine, Message, image_tag
 from edgephi.runtime.images import Image, load_image
 from edgephi.runtime.options import GenerationOptions
-from edgephi.runtime.session import Session, Stats, pick
+from edgephi.runtime.session import Answer, Session, Stats, pick
 
 TEXT_MAX_BODY = 1 << 20
 VISION_MAX_BODY = 32 << 20  # a phone photo as base64 in a data: URL
@@ -380,8 +380,23 @@ class ModelServer:
 
     def generate(
         self, prompt: str, options: GenerationOptions, outcome: Outcome, images: list[Image]
+    ) -> Answer:
+        """Stream under the gate in the best slot (named in ``outcome`` for the settle that
+        follows the response); the caller holds an admission."""
+        answered: list[Answer] = []  # the slot's answer, once the gate let the request in
+        return Answer(
+            self._gated(prompt, options, outcome, images, answered),
+            lambda: answered[0].stats if answered else None,
+        )
+
+    def _gated(
+        self,
+        prompt: str,
+        options: GenerationOptions,
+        outcome: Outcome,
+        images: list[Image],
+        answered: list[Answer],
     ) -> Generator[str, None, None]:
-        """Stream under the gate in the best slot; the caller holds an admission."""
         with self._count_lock:
             self._waiting += 1
         with self._gate:
@@ -393,8 +408,11 @@ class ModelServer:
                 index = pick(self.slots, request.ids, self._used)
                 outcome.slot = self.slots[index]
                 self._used[index] = time.monotonic()
-                yield from outcome.slot.generate(request, options, start=start)
-                outcome.stats = outcome.slot.last_stats
+                answered.append(outcome.slot.generate(request, options, start=start))
+                try:
+                    yield from answered[0]
+                finally:
+                    answered[0].close()
             except ContextOverflow as exc:
                 raise ApiError(400, str(exc), code="context_length_exceeded") from None
             except BadImage as exc:
@@ -410,7 +428,8 @@ class ModelServer:
 
 @dataclass
 class Outcome:
-    """What one request's answer left: its stats, and the slot to settle once it is sent."""
+    """What one request's answer left, for the log line (its stats, as the answer gave them)
+    and the slot to settle once the response is out."""
 
     stats: Stats | None = None
     slot: Session | None = None
@@ -494,7 +513,7 @@ class _Handler(BaseHTTPRequestHandler):
         super().send_response(code, message)
 
     def _log_line(self, start: float, outcome: Outcome | None = None) -> None:
-        """``time client method path status [tokens, TTFT] duration``: no prompt, no answer
+        """``time client method path status [tokens, TTFT, finish] duration``: no prompt, no answer
         unless the server was started with ``--log-prompts``."""
         if not self.owner.config.log_requests:
             return
@@ -507,6 +526,7 @@ class _Handler(BaseHTTPRequestHandler):
                 f"cached={stats.cached_tokens}",
                 f"generated={stats.generated_tokens}",
                 f"ttft={stats.ttft_s:.3f}s",
+                f"finish={stats.finish_reason}",  # "cancelled": the client went away
             ]
         parts.append(f"total={time.perf_counter() - start:.3f}s")
         if self.owner.config.log_prompts and outcome is not None and outcome.prompt:
@@ -755,6 +775,7 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             chunks.close()
             outcome.answer = text = "".join(pieces)
+            outcome.stats = chunks.stats
         calls = self._calls(text, calling)
         out = self._envelope(chat, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}")
         choice: dict[str, Any] = {
@@ -835,6 +856,7 @@ class _Handler(BaseHTTPRequestHandler):
                     held = None
         finally:
             chunks.close()
+            outcome.stats = chunks.stats
         outcome.answer = "".join(answer)
         calls = self._calls(held, calling) if held else None
         if calls:

@@ -161,6 +161,7 @@ class Run:
         self.ids: list[int] = []
         self.first_at = 0.0
         self.finish = "cancelled"
+        self.final: Stats | None = None  # the stats, once the answer has ended
         self.needs_logits = hook is not None or options.min_p is not None
 
     def took(self, token: int) -> None:
@@ -216,6 +217,34 @@ class Run:
         )
 
 
+class Answer(Iterator[str]):
+    """One answer as it streams: iterate it for the text; its ``stats`` are there once it
+    has ended — run out, closed early (Ctrl-C, a client gone) or failed. What
+    ``Session.generate``, ``Engine.stream`` and ``Conversation.ask`` return: the statistics
+    come with the stream they describe, not through the engine or the session."""
+
+    def __init__(self, chunks: Iterator[str], stats: Callable[[], Stats | None]) -> None:
+        self._chunks = chunks
+        self._stats = stats
+
+    def __iter__(self) -> Answer:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        """Stop the answer here (its stats then say how far it got)."""
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+
+    @property
+    def stats(self) -> Stats | None:
+        """The answer's statistics once it has ended; ``None`` before."""
+        return self._stats()
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
     """How many leading ids ``a`` and ``b`` share, at most ``limit``."""
     n = 0
@@ -237,7 +266,6 @@ class Session:
         self.engine = engine
         self.one_shot = one_shot
         self._capacity = 0  # the generator's max_length: its KV buffer, allocated and zeroed once
-        self.last_stats: Stats | None = None
         self._generator: Any = None
         self._params: Any = None  # kept alive: og reads the penalties from it on every step
         self._adapter: str | None = None
@@ -328,8 +356,8 @@ class Session:
         *,
         logits_hook: LogitsHook | None = None,
         start: float | None = None,
-    ) -> Iterator[str]:
-        """Stream the answer to ``request``; its stats land in ``last_stats`` (and the engine's).
+    ) -> Answer:
+        """Stream the answer to ``request``; the ``Answer`` holds its stats once it ends.
 
         Settings are checked here; the model runs as the chunks are asked for.
         """
@@ -356,8 +384,8 @@ class Session:
         )
         if note:
             run.cache_note = note
-            return self._one_off(request, run, self._one_off_params(run))
-        return self._reuse(request, run)
+            return Answer(self._one_off(request, run, self._one_off_params(run)), lambda: run.final)
+        return Answer(self._reuse(request, run), lambda: run.final)
 
     def _one_off_params(self, run: Run) -> Any:
         """og's parameters for an answer on a generator of its own, as og runs it entire."""
@@ -460,10 +488,9 @@ class Session:
             self._exact = 0
 
     def _finish(self, run: Run, turn: int) -> None:
-        if self._turn != turn:
-            return  # superseded: the newer answer owns the session and its stats
-        self._active = False
-        self.last_stats = self.engine.last_stats = run.stats()
+        run.final = run.stats()
+        if self._turn == turn:  # else superseded: the newer answer owns the session
+            self._active = False
 
     def _decode(
         self,

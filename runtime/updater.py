@@ -413,12 +413,13 @@ def check_health(model: InstalledModel) -> None:
     max_tokens = int(golden.get("max_tokens", 4))
     try:
         engine = Engine(model.path, context=256, chat_template=model.manifest.chat_template)
-        text = engine.generate([{"role": "user", "content": prompt}], GenerationOptions(max_tokens, 0.0)).text
+        done = engine.generate([{"role": "user", "content": prompt}], GenerationOptions(max_tokens, 0.0))
+        text = done.text
     except EdgeError as exc:
         raise HealthCheckFailed(
             f"{model.manifest.name} {model.manifest.version} does not run: {exc}"
         ) from None
-    if engine.last_stats is None or engine.last_stats.generated_tokens == 0:
+    if done.stats.generated_tokens == 0:
         raise HealthCheckFailed(f"{model.manifest.name} {model.manifest.version} generates nothing")
     if "text" in golden and text != golden["text"]:
         raise HealthCheckFailed(

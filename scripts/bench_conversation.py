@@ -123,8 +123,9 @@ def our_chat(bundle: str, questions: list[str], answer: int, pause: float, mode:
     for q in questions:
         if mode == "no cache":
             engine.session.reset()
-        "".join(chat.ask(q, options))
-        stats = engine.last_stats
+        answer = chat.ask(q, options)
+        "".join(answer)
+        stats = answer.stats
         assert stats is not None and stats.generated_tokens == answer
         ttft.append(stats.ttft_s)
         cached.append(stats.cached_tokens)
@@ -261,9 +262,10 @@ def decode_worker(bundle: str, prompt: str, tokens: int, kind: str) -> dict[str,
 
         def once() -> float:
             session.reset()
-            "".join(engine.stream_prompt(prompt, options, session=session))
-            assert engine.last_stats is not None
-            return engine.last_stats.decode_tokens_per_s
+            answer = engine.stream_prompt(prompt, options, session=session)
+            "".join(answer)
+            assert answer.stats is not None
+            return answer.stats.decode_tokens_per_s
 
     else:  # the engine's loop before sessions: a generator per answer, sized for it
         genai = og()
@@ -329,9 +331,10 @@ def long_chat(bundle: str, questions: list[str], answer: int, turns: int) -> dic
     ttft, drop_turns = [], []
     for i in range(turns):
         before = chat.dropped
-        "".join(chat.ask(questions[i % len(questions)], options))
-        assert engine.last_stats is not None
-        ttft.append(engine.last_stats.ttft_s)
+        answer = chat.ask(questions[i % len(questions)], options)
+        "".join(answer)
+        assert answer.stats is not None
+        ttft.append(answer.stats.ttft_s)
         if chat.dropped > before:
             drop_turns.append(i + 1)
         chat.settle()

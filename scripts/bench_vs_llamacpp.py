@@ -278,8 +278,9 @@ def worker(kind: str, path: str, ids: list[int], tokens: int, threads: int) -> d
 
         def once() -> tuple[float, float]:
             session.reset()  # a cold prefill, as the other contestants' runs are
-            "".join(engine.stream_prompt(prompt, options, session=session))
-            stats = engine.last_stats
+            answer = engine.stream_prompt(prompt, options, session=session)
+            "".join(answer)
+            stats = answer.stats
             assert stats is not None
             return stats.ttft_s, stats.decode_tokens_per_s
 

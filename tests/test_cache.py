@@ -31,7 +31,7 @@ from edgephi.runtime.engine import Engine
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.sampling import Penalties, penalize
 from edgephi.runtime.server import ModelServer
-from edgephi.runtime.session import Session
+from edgephi.runtime.session import Answer, Session, Stats
 from edgephi.runtime.store import Store
 
 GREEDY = GenerationOptions(max_tokens=24, temperature=0.0)
@@ -44,6 +44,13 @@ QUESTIONS = [
     "Summarise our conversation in one sentence.",
 ]
 SYSTEM = "You are a concise geography tutor. Answer in plain sentences, without lists or headings."
+
+
+def stats_of(answer: Answer) -> Stats:
+    """Run ``answer`` out and give its stats."""
+    "".join(answer)
+    assert answer.stats is not None
+    return answer.stats
 
 
 def fresh(engine: Engine, prompt: str, options: GenerationOptions) -> str:
@@ -96,8 +103,9 @@ def chat_matches_fresh(engine: Engine, options: GenerationOptions, settle: list[
     chat = Conversation(engine, system=SYSTEM)
     cached = []
     for question, settle_now in zip(QUESTIONS, settle, strict=False):
-        answer = "".join(chat.ask(question, options))
-        stats = engine.last_stats
+        asked = chat.ask(question, options)
+        answer = "".join(asked)
+        stats = asked.stats
         assert stats is not None
         cached.append(stats.cached_tokens)
         prompt = engine.format_prompt(chat._all()[0][:-1])  # the prompt that answer came from
@@ -127,15 +135,17 @@ def test_an_answer_to_another_prompt_is_not_taken_for_a_tie(smol: Engine) -> Non
 def test_settling_takes_in_the_answer(smol: Engine) -> None:
     smol.session.reset()
     chat = smol.chat(system=SYSTEM)
-    "".join(chat.ask(QUESTIONS[0], GenerationOptions(max_tokens=24, min_tokens=24, temperature=0.0)))
-    answered = smol.last_stats
+    first = chat.ask(QUESTIONS[0], GenerationOptions(max_tokens=24, min_tokens=24, temperature=0.0))
+    "".join(first)
+    answered = first.stats
     assert answered is not None and answered.generated_tokens == 24
     pending = smol.session.pending_tokens
     assert pending >= answered.generated_tokens - 1
     chat.settle()
     assert smol.session.pending_tokens == 0
-    "".join(chat.ask(QUESTIONS[1], GREEDY))
-    after = smol.last_stats
+    second = chat.ask(QUESTIONS[1], GREEDY)
+    "".join(second)
+    after = second.stats
     assert after is not None
     # Settled: the whole previous prompt and its answer came from the cache.
     assert after.cached_tokens >= answered.prompt_tokens + answered.generated_tokens - 2
@@ -161,11 +171,12 @@ def test_an_interrupted_answer_leaves_the_cache_consistent(smol: Engine) -> None
     for _ in range(5):
         next(chunks)
     chunks.close()  # what Ctrl-C does to the chat's stream
-    assert smol.last_stats is not None and smol.last_stats.finish_reason == "cancelled"
+    assert chunks.stats is not None and chunks.stats.finish_reason == "cancelled"
     assert chat.messages[-1]["role"] == "assistant"
-    answer = "".join(chat.ask(QUESTIONS[1], GREEDY))
+    asked = chat.ask(QUESTIONS[1], GREEDY)
+    answer = "".join(asked)
     prompt = smol.format_prompt(chat._all()[0][:-1])
-    assert smol.last_stats.cached_tokens > 0
+    assert asked.stats is not None and asked.stats.cached_tokens > 0
     assert as_fresh(smol, prompt, GREEDY, answer)
 
 
@@ -185,8 +196,9 @@ def test_options_that_change_per_answer_keep_the_cache(smol: Engine) -> None:
         GenerationOptions(max_tokens=24, temperature=0.0, stop=("Paris",)),
     ]
     for options in per_answer:
-        text = "".join(smol.stream_prompt(prompt, options))
-        stats = smol.last_stats
+        streamed = smol.stream_prompt(prompt, options)
+        text = "".join(streamed)
+        stats = streamed.stats
         assert stats is not None and stats.cache_note == "", options
         assert stats.cached_tokens == n - 2, options  # all but the two tokens always appended
         if options.temperature == 0.0:
@@ -204,13 +216,13 @@ def test_min_tokens_and_penalties_act_on_the_live_generator(smol: Engine) -> Non
     smol.session.reset()
     prompt = smol.format_prompt([{"role": "user", "content": "Reply with one word: yes or no?"}])
     short = GenerationOptions(max_tokens=60, temperature=0.0)
-    "".join(smol.stream_prompt(prompt, short))
-    assert smol.last_stats is not None and smol.last_stats.generated_tokens < 20
-    "".join(smol.stream_prompt(prompt, GenerationOptions(max_tokens=60, temperature=0.0, min_tokens=40)))
-    assert smol.last_stats.generated_tokens >= 40 and smol.last_stats.cached_tokens > 0
+    assert stats_of(smol.stream_prompt(prompt, short)).generated_tokens < 20
+    longer = stats_of(
+        smol.stream_prompt(prompt, GenerationOptions(max_tokens=60, temperature=0.0, min_tokens=40))
+    )
+    assert longer.generated_tokens >= 40 and longer.cached_tokens > 0
     # And they are gone again for the next answer on the same generator.
-    "".join(smol.stream_prompt(prompt, short))
-    assert smol.last_stats.generated_tokens < 20
+    assert stats_of(smol.stream_prompt(prompt, short)).generated_tokens < 20
 
 
 @pytest.mark.parametrize(
@@ -226,15 +238,15 @@ def test_what_needs_a_fresh_generator_falls_back_and_says_so(
     smol.session.reset()
     prompt = smol.format_prompt([{"role": "user", "content": "Is Paris in France?"}])
     "".join(smol.stream_prompt(prompt, GREEDY))
-    text = "".join(smol.stream_prompt(prompt, options))
-    stats = smol.last_stats
+    streamed = smol.stream_prompt(prompt, options)
+    text = "".join(streamed)
+    stats = streamed.stats
     assert stats is not None and stats.cache_note == note and stats.cached_tokens == 0
     assert "not cached: " + note in stats.line() and stats.to_dict()["cache_note"] == note
     assert text == fresh(smol, prompt, options)
     # The session comes back: the next plain answer builds a cache, the one after reuses it.
     "".join(smol.stream_prompt(prompt, GREEDY))
-    "".join(smol.stream_prompt(prompt, GREEDY))
-    assert smol.last_stats is not None and smol.last_stats.cached_tokens > 0
+    assert stats_of(smol.stream_prompt(prompt, GREEDY)).cached_tokens > 0
 
 
 def test_overflow_drops_half_the_history_and_keeps_the_system_prompt_cached(phi3_bundle: Path) -> None:
@@ -245,8 +257,9 @@ def test_overflow_drops_half_the_history_and_keeps_the_system_prompt_cached(phi3
     drops, cached_after_drop = 0, []
     for i in range(24):
         before = chat.dropped
-        answer = "".join(chat.ask(f"Question {i}: tell me about the waves and the tides.", opts))
-        stats = engine.last_stats
+        asked = chat.ask(f"Question {i}: tell me about the waves and the tides.", opts)
+        answer = "".join(asked)
+        stats = asked.stats
         assert stats is not None and stats.prompt_tokens + 12 <= 256
         prompt = engine.format_prompt(chat._all()[0][:-1])
         assert as_fresh(engine, prompt, opts, answer), f"turn {i}"
@@ -343,8 +356,9 @@ def test_phi3_long_rope_positions_are_never_mixed(phi3_bundle: Path, tmp_path: P
     short = next(r for r in range(100, 1000, 10) if engine.count_tokens(prompt(r)) > 3800)
     long = next(r for r in range(short, 1000, 5) if engine.count_tokens(prompt(r)) > 4200)
     for repeats, reused in ((short, False), (short + 5, True), (long, False), (long + 5, True)):
-        text = "".join(engine.stream_prompt(prompt(repeats), opts))
-        stats = engine.last_stats
+        streamed = engine.stream_prompt(prompt(repeats), opts)
+        text = "".join(streamed)
+        stats = streamed.stats
         assert stats is not None and (stats.cached_tokens > 3000) == reused, (repeats, stats)
         assert as_fresh(engine, prompt(repeats), opts, text), repeats
         engine.session.settle()
@@ -354,8 +368,9 @@ def test_phi3_long_rope_positions_are_never_mixed(phi3_bundle: Path, tmp_path: P
     crossing = GenerationOptions(max_tokens=60, min_tokens=60, temperature=0.0)
     "".join(engine.stream_prompt(prompt(edge), crossing))
     assert engine.session.cached_ids == () and engine.session.settle() == 0
-    text = "".join(engine.stream_prompt(prompt(edge + 2), opts))
-    assert engine.last_stats is not None and engine.last_stats.cached_tokens == 0
+    streamed = engine.stream_prompt(prompt(edge + 2), opts)
+    text = "".join(streamed)
+    assert streamed.stats is not None and streamed.stats.cached_tokens == 0
     assert as_fresh(engine, prompt(edge + 2), opts, text)
 
 

@@ -467,7 +467,8 @@ def test_a_good_signed_bundle_installs(device: Store, tmp_path: Path) -> None:
 def test_the_installed_model_still_runs(device: Store) -> None:
     [phi] = [m for m in device.installed() if m.manifest.name == "phi35-tiny"]
     engine = load(phi.path)
-    assert engine.generate(
+    done = engine.generate(
         [{"role": "user", "content": "hi"}], GenerationOptions(max_tokens=4, temperature=0)
-    ).text
-    assert engine.last_stats is not None and engine.last_stats.generated_tokens == 4
+    )
+    assert done.text
+    assert done.stats.generated_tokens == 4

@@ -224,11 +224,10 @@ def test_a_long_chat_crosses_the_context_edge_and_keeps_answering(phi3_bundle: P
     chat = Conversation(engine, system="You are a helpful sailor.")
     opts = GenerationOptions(max_tokens=12, temperature=0.0)
     for i in range(14):
-        answer = "".join(
-            chat.ask(f"Question {i}: tell me more about the waves, the wind and the tides.", opts)
-        )
-        assert engine.last_stats is not None and engine.last_stats.generated_tokens >= 1, answer
-        assert engine.last_stats.prompt_tokens + 12 <= 160
+        asked = chat.ask(f"Question {i}: tell me more about the waves, the wind and the tides.", opts)
+        answer = "".join(asked)
+        assert asked.stats is not None and asked.stats.generated_tokens >= 1, answer
+        assert asked.stats.prompt_tokens + 12 <= 160
     assert chat.dropped >= 3  # crossed the bound several times
     prompt = engine.format_prompt(chat._all()[0])
     assert "You are a helpful sailor." in prompt and "Question 13" in prompt
@@ -257,8 +256,9 @@ chat = engine.chat(system="You are a patient guide to the sea.")
 options = GenerationOptions(max_tokens=24, min_tokens=24, temperature=0.0)
 cached = []
 for i in range(50):
-    "".join(chat.ask(f"Question {i}: tell me about the tides, the waves and the wind " * 3, options))
-    cached.append(engine.last_stats.cached_tokens)
+    asked = chat.ask(f"Question {i}: tell me about the tides, the waves and the wind " * 3, options)
+    "".join(asked)
+    cached.append(asked.stats.cached_tokens)
     chat.settle()
 status = Path("/proc/self/status").read_text()
 peak = next(int(l.split()[1]) * 1024 for l in status.splitlines() if l.startswith("VmHWM:"))

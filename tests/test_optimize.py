@@ -178,7 +178,7 @@ def test_an_ort_bundle_loads_and_generates(tmp_path: Path, store: Store) -> None
     text = engine.generate(
         [{"role": "user", "content": "hi"}], GenerationOptions(max_tokens=5, temperature=0)
     )
-    assert engine.last_stats is not None and engine.last_stats.generated_tokens == 5 and text.text
+    assert text.stats.generated_tokens == 5 and text.text
 
 
 def embedding_output(folder: Path) -> str:

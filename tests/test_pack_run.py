@@ -74,9 +74,10 @@ def test_phi35_bundle_describes_itself(phi3_bundle: Path, store: Store) -> None:
 
 def test_phi35_streams_and_matches_the_raw_og_loop(phi3_bundle: Path, store: Store) -> None:
     engine = load(phi3_bundle, store=store)
-    chunks = list(engine.stream(HELLO, GREEDY))
+    answer = engine.stream(HELLO, GREEDY)
+    chunks = list(answer)
     assert len(chunks) > 1  # streamed, not returned at once
-    stats = engine.last_stats
+    stats = answer.stats
     assert stats is not None and stats.generated_tokens == 16 and stats.finish_reason == "length"
     prompt = engine.format_prompt(HELLO)
     assert prompt.startswith("<s><|user|>") or "<|user|>" in prompt  # the real Phi-3 template
@@ -96,8 +97,9 @@ def test_phi35_streams_and_matches_the_raw_og_loop(phi3_bundle: Path, store: Sto
 def test_other_families_pack_and_generate(family: str, bundles_dir: Path, store: Store) -> None:
     out = build_bundle(tiny.tiny_model(family), bundles_dir / f"{family}.phi", name=f"tiny-{family}")
     engine = load(out, store=store)
-    first = engine.generate(HELLO, GREEDY).text
-    assert engine.last_stats is not None and engine.last_stats.generated_tokens >= 1
+    done = engine.generate(HELLO, GREEDY)
+    first = done.text
+    assert done.stats.generated_tokens >= 1
     assert engine.generate(HELLO, GREEDY).text == first  # greedy is deterministic
     assert store.install(out).manifest.model.architecture == tiny.SPECS[family]["config"]["architectures"][0]
 

@@ -213,7 +213,7 @@ def test_sigterm_lets_the_request_in_flight_finish(smollm2_bundle: Path) -> None
         log = proc.stderr.read()  # type: ignore[union-attr]
         assert re.search(
             r"^\S+ 127\.0\.0\.1 POST /v1/chat/completions 200 prompt=\d+ cached=0 generated=\d+ "
-            r"ttft=\d+\.\d{3}s total=\d+\.\d{3}s$",
+            r"ttft=\d+\.\d{3}s finish=(length|stop) total=\d+\.\d{3}s$",
             log,
             flags=re.MULTILINE,
         ), log
@@ -254,10 +254,10 @@ def test_sigterm_does_not_wait_for_a_client_dribbling_its_request(smollm2_bundle
                 proc.kill()
 
 
-def test_a_dropped_request_stops_its_answer(smol) -> None:  # type: ignore[no-untyped-def]
+def test_a_dropped_request_stops_its_answer(smol, capsys) -> None:  # type: ignore[no-untyped-def]
     # A whole (not streamed) answer of 600 tokens, asked for and then abandoned: the engine
     # stops making it rather than keep the next request waiting until it is done.
-    with serving(smol, slots=2) as server:
+    with serving(smol, slots=2, log_requests=True) as server:
         body = json.dumps(
             {"messages": [{"role": "user", "content": "Count."}], "max_tokens": 600, "min_tokens": 600}
         ).encode()
@@ -272,12 +272,15 @@ def test_a_dropped_request_stops_its_answer(smol) -> None:  # type: ignore[no-un
         client.chat.completions.create(
             model=smol.model_name, messages=[{"role": "user", "content": "hi"}], max_tokens=2
         )
-        # The other slot answered "hi"; this one holds what the abandoned answer left.
-        [dropped] = [
-            s.last_stats for s in server.slots if s.last_stats and s.last_stats.generated_tokens != 2
-        ]
-    # Left unfinished: a finished one would say "length" after all 600 tokens.
-    assert dropped.finish_reason == "cancelled" and 0 < dropped.generated_tokens < 600, dropped
+        # Each request's log line says how its answer ended; the abandoned one's was left
+        # unfinished (a finished one would say "length" after all 600 tokens).
+        log, deadline = "", time.monotonic() + 10
+        while "finish=cancelled" not in log and time.monotonic() < deadline:
+            log += capsys.readouterr().err  # the dropped request's handler logs once it has stopped
+            time.sleep(0.1)
+    [dropped] = re.findall(r"generated=(\d+) ttft=\S+ finish=cancelled", log)
+    assert 0 < int(dropped) < 600, log
+    assert re.search(r"generated=2 ttft=\S+ finish=length", log), log
 
 
 def test_log_prompts_adds_the_prompt_and_answer_to_the_line(smollm2_bundle: Path) -> None:

@@ -33,8 +33,10 @@ def test_target_builds_a_bundle(name: str, target_bundle, store: Store) -> None:
     runs_here = profile.execution_provider.value == "cpu" and profile.arch in ("any", machine_arch())
     if runs_here:
         engine = load(path, store=store)
-        engine.generate([{"role": "user", "content": "hi"}], GenerationOptions(max_tokens=4, temperature=0))
-        assert engine.last_stats is not None and engine.last_stats.generated_tokens == 4
+        done = engine.generate(
+            [{"role": "user", "content": "hi"}], GenerationOptions(max_tokens=4, temperature=0)
+        )
+        assert done.stats.generated_tokens == 4
         assert engine.threads == (min(profile.threads, engine.threads) if profile.threads else engine.threads)
     else:
         with pytest.raises(IncompatibleBundle):

@@ -126,8 +126,10 @@ def runs(store: Store, version: str) -> None:
         path = current.path / entry.path
         assert path.stat().st_size == entry.size
     engine = load(NAME, store=store)
-    engine.generate([{"role": "user", "content": "hi"}], GenerationOptions(max_tokens=3, temperature=0))
-    assert engine.last_stats is not None and engine.last_stats.generated_tokens == 3
+    done = engine.generate(
+        [{"role": "user", "content": "hi"}], GenerationOptions(max_tokens=3, temperature=0)
+    )
+    assert done.stats.generated_tokens == 3
 
 
 def edge_run(

@@ -345,13 +345,15 @@ def test_answers_about_a_picture_through_the_python_api(engine: Engine, tmp_path
 def test_chat_keeps_pictures_with_their_turn(engine: Engine) -> None:
     chat = Conversation(engine)
     pic = images.load_image(picture(336, 336))  # 2509 tokens: one fits the 4096 context, two do not
-    "".join(chat.ask("Describe it.", GREEDY, [pic]))
-    first = engine.last_stats
+    asked = chat.ask("Describe it.", GREEDY, [pic])
+    "".join(asked)
+    first = asked.stats
     assert first is not None and first.prompt_tokens > 2509
     # og cannot rewind a phi3v generator: each answer runs on its own, and says so.
     assert first.cache_note == VISION_NOTE and first.cached_tokens == 0
-    "".join(chat.ask("And now?", GREEDY))
-    assert engine.last_stats is not None and engine.last_stats.prompt_tokens > first.prompt_tokens
+    again = chat.ask("And now?", GREEDY)
+    "".join(again)
+    assert again.stats is not None and again.stats.prompt_tokens > first.prompt_tokens
     "".join(chat.ask("And this one?", GREEDY, [pic]))
     # The first picture's exchange was dropped to make room for the second picture.
     assert chat.dropped >= 1 and sum(len(i) for i in chat.images) == 1
