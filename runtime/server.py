@@ -4,7 +4,8 @@ Endpoints: ``POST /v1/chat/completions`` (streamed as server-sent events or not;
 model also takes OpenAI ``image_url`` content parts holding ``data:`` URLs — the server
 never fetches a URL from the network),
 ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``. Built on the standard
-library's threading HTTP server, so a device needs nothing more than the runtime.
+library's threading HTTP server, so a device needs nothing more than the runtime. This
+module is the HTTP side; what OpenAI's JSON means is ``edgephi.runtime.openai_api``.
 
 * It listens on 127.0.0.1 unless told otherwise: a model on a device is not a public service.
   Beyond loopback it wants an API key (``Authorization: Bearer KEY``). A web page the
@@ -33,14 +34,10 @@ library's threading HTTP server, so a device needs nothing more than the runtime
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
-import dataclasses
 import errno
 import hmac
 import json
-import re
 import select
 import signal
 import socket
@@ -55,15 +52,13 @@ from typing import Any
 
 from edgephi.core.errors import BadImage, ConfigError, ContextOverflow, EdgeError, TemplateError
 from edgephi.runtime import tools
-from edgephi.runtime.engine import IMAGE_TAG, Engine, Message, image_tag
-from edgephi.runtime.images import Image, load_image
-from edgephi.runtime.options import GenerationOptions
+from edgephi.runtime.engine import Engine
+from edgephi.runtime.openai_api import CHAT_PATH, COMPLETIONS_PATH, ApiError, ApiRequest, finish_reason, usage
 from edgephi.runtime.session import Answer, Session, Stats, pick
 
 TEXT_MAX_BODY = 1 << 20
 VISION_MAX_BODY = 32 << 20  # a phone photo as base64 in a data: URL
 DROP_CHECK_S = 0.2  # how often a non-streamed answer looks whether its client is still there
-_DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[^;,]*)*),(?P<data>.*)$", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -106,208 +101,6 @@ def _hostname(authority: str) -> str:
     if authority.startswith("["):
         return authority[1:].split("]")[0]
     return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
-
-
-class ApiError(Exception):
-    def __init__(
-        self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None
-    ):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.code = status, message, kind, code
-
-    def body(self) -> bytes:
-        return json.dumps({"error": {"message": self.message, "type": self.kind, "code": self.code}}).encode()
-
-
-def _number(body: dict[str, Any], key: str, kind: type) -> Any:
-    value = body.get(key)
-    if value is None:
-        return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or (kind is int and not isinstance(value, int))
-    ):
-        raise ApiError(400, f"'{key}' must be a {kind.__name__}", code="invalid_value")
-    return kind(value)
-
-
-def options_from(body: dict[str, Any], default_max_tokens: int) -> GenerationOptions:
-    """OpenAI request fields (plus llama.cpp/vLLM-style extras) → ``GenerationOptions``."""
-    if (_number(body, "n", int) or 1) != 1:
-        raise ApiError(400, "only n=1 is supported", code="invalid_value")
-    stop = body.get("stop") or ()
-    if isinstance(stop, str):
-        stop = (stop,)
-    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
-        raise ApiError(400, "'stop' must be a string or a list of strings", code="invalid_value")
-    schema = None
-    fmt = body.get("response_format")
-    if isinstance(fmt, dict):
-        if fmt.get("type") == "json_object":
-            schema = json.dumps({"type": "object"})
-        elif fmt.get("type") == "json_schema":
-            spec = fmt.get("json_schema")
-            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
-                raise ApiError(
-                    400, "response_format.json_schema.schema must be an object", code="invalid_value"
-                )
-            schema = json.dumps(spec["schema"])
-        elif fmt.get("type") not in (None, "text"):
-            raise ApiError(
-                400, f"response_format type {fmt.get('type')!r} is not supported", code="invalid_value"
-            )
-    max_tokens = _number(body, "max_completion_tokens", int)
-    if max_tokens is None:
-        max_tokens = _number(body, "max_tokens", int)
-    adapter = body.get("adapter")
-    if adapter is not None and not isinstance(adapter, str):
-        raise ApiError(
-            400, "'adapter' must be the name of one of the model's LoRA adapters", code="invalid_value"
-        )
-    try:
-        return GenerationOptions(
-            max_tokens=default_max_tokens if max_tokens is None else max_tokens,
-            min_tokens=_number(body, "min_tokens", int) or 0,
-            temperature=_number(body, "temperature", float),
-            top_p=_number(body, "top_p", float),
-            top_k=_number(body, "top_k", int),
-            min_p=_number(body, "min_p", float),
-            seed=_number(body, "seed", int),
-            repetition_penalty=_number(body, "repetition_penalty", float),
-            stop=tuple(stop),
-            json_schema=schema,
-            adapter=adapter,
-        )
-    except ConfigError as exc:
-        raise ApiError(400, str(exc), code="invalid_value") from None
-
-
-def image_from_url(url: Any, number: int) -> Image:
-    """An ``image_url`` part's picture: a base64 ``data:`` URL, checked like a file."""
-    if not isinstance(url, str):
-        raise ApiError(400, "an image_url part needs a url string", code="invalid_value")
-    m = _DATA_URL.match(url)
-    if m is None:
-        raise ApiError(
-            400,
-            "image_url must be a data: URL (data:image/png;base64,…); this server does not fetch URLs",
-            code="invalid_value",
-        )
-    if ";base64" not in m["params"]:
-        raise ApiError(400, "image data: URLs must be base64-encoded", code="invalid_value")
-    try:
-        data = base64.b64decode(m["data"], validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(400, f"image {number}'s data: URL is not valid base64", code="invalid_image") from None
-    try:
-        return load_image(data, name=f"image {number}")
-    except BadImage as exc:
-        raise ApiError(400, str(exc), code="invalid_image") from None
-
-
-def messages_from(body: dict[str, Any], vision: bool = False) -> tuple[list[Message], list[Image]]:
-    """The chat messages, with each ``image_url`` part's picture tagged where it was sent."""
-    raw = body.get("messages")
-    if not isinstance(raw, list) or not raw:
-        raise ApiError(400, "'messages' must be a non-empty list", code="invalid_value")
-    out: list[Message] = []
-    images: list[Image] = []
-    for m in raw:
-        if not isinstance(m, dict) or m.get("role") not in (
-            "system",
-            "developer",
-            "user",
-            "assistant",
-            "tool",
-        ):
-            raise ApiError(
-                400, "each message needs a role of system, user, assistant or tool", code="invalid_value"
-            )
-        if m["role"] == "tool" or m.get("tool_calls"):
-            out.append(_tool_turn(m))
-            continue
-        content = m.get("content")
-        parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
-        texts: list[str] = []
-        for part in parts:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                text = part.get("text", "")
-                if not isinstance(text, str):
-                    raise ApiError(400, "message content must be a string", code="invalid_value")
-                if vision and IMAGE_TAG.search(text):
-                    # Tags are ours to place; a client's would point at the wrong pictures.
-                    raise ApiError(
-                        400,
-                        "text may not contain <|image_N|> tags; send pictures as image_url parts",
-                        code="invalid_value",
-                    )
-                texts.append(text)
-            elif kind == "image_url":
-                if not vision:
-                    raise ApiError(
-                        400, "this model is a text model; it cannot look at images", code="invalid_value"
-                    )
-                url = part.get("image_url")
-                images.append(
-                    image_from_url(url.get("url") if isinstance(url, dict) else url, len(images) + 1)
-                )
-                texts.append(image_tag(len(images)))
-            else:
-                allowed = "text and image_url" if vision else "text"
-                raise ApiError(400, f"only {allowed} content parts are supported", code="invalid_value")
-        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": "".join(texts)})
-    return out, images
-
-
-def _tool_turn(m: dict[str, Any]) -> Message:
-    """A ``tool`` result, or an assistant turn that called tools, checked and kept whole."""
-    content = m.get("content")
-    if isinstance(content, list):  # text parts only
-        if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-            raise ApiError(400, "tool turns take text content only", code="invalid_value")
-        content = "".join(str(p.get("text", "")) for p in content)
-    if m["role"] == "tool":
-        if not isinstance(content, str) or not isinstance(m.get("tool_call_id"), str):
-            raise ApiError(400, "a tool message needs content and a tool_call_id", code="invalid_value")
-        return {"role": "tool", "tool_call_id": m["tool_call_id"], "content": content}
-    calls = m["tool_calls"]
-    if not isinstance(calls, list) or not all(
-        isinstance(c, dict)
-        and isinstance(c.get("id"), str)
-        and isinstance(c.get("function"), dict)
-        and isinstance(c["function"].get("name"), str)
-        and isinstance(c["function"].get("arguments"), str)
-        for c in calls
-    ):
-        raise ApiError(
-            400,
-            "tool_calls must be [{'id', 'type': 'function', 'function': {'name', 'arguments'}}]",
-            code="invalid_value",
-        )
-    if content is not None and not isinstance(content, str):
-        raise ApiError(400, "message content must be a string", code="invalid_value")
-    kept = [{"id": c["id"], "type": "function", "function": dict(c["function"])} for c in calls]
-    return {"role": "assistant", "content": content or "", "tool_calls": kept}
-
-
-def tool_request_from(body: dict[str, Any], chat: bool) -> tools.ToolRequest | None:
-    """The request's ``tools`` / ``tool_choice``; ``None`` when no call may be made."""
-    if not chat and (body.get("tools") is not None or body.get("tool_choice") is not None):
-        raise ApiError(400, "tools are offered through /v1/chat/completions", code="invalid_value")
-    try:
-        request = tools.parse_request(body.get("tools"), body.get("tool_choice"))
-    except ConfigError as exc:
-        raise ApiError(400, str(exc), code="invalid_value") from None
-    fmt = body.get("response_format")
-    if request is not None and isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
-        raise ApiError(
-            400,
-            "give 'tools' or a 'response_format', not both: a tool call is JSON already",
-            code="invalid_value",
-        )
-    return request
 
 
 _LISTEN_HINTS = {
@@ -378,24 +171,17 @@ class ModelServer:
         with self._count_lock:
             self._admitted -= 1
 
-    def generate(
-        self, prompt: str, options: GenerationOptions, outcome: Outcome, images: list[Image]
-    ) -> Answer:
+    def generate(self, asked: ApiRequest, outcome: Outcome) -> Answer:
         """Stream under the gate in the best slot (named in ``outcome`` for the settle that
         follows the response); the caller holds an admission."""
         answered: list[Answer] = []  # the slot's answer, once the gate let the request in
         return Answer(
-            self._gated(prompt, options, outcome, images, answered),
+            self._gated(asked, outcome, answered),
             lambda: answered[0].stats if answered else None,
         )
 
     def _gated(
-        self,
-        prompt: str,
-        options: GenerationOptions,
-        outcome: Outcome,
-        images: list[Image],
-        answered: list[Answer],
+        self, asked: ApiRequest, outcome: Outcome, answered: list[Answer]
     ) -> Generator[str, None, None]:
         with self._count_lock:
             self._waiting += 1
@@ -404,11 +190,11 @@ class ModelServer:
                 self._waiting -= 1
             try:
                 start = time.perf_counter()
-                request = self.engine.prepare(prompt, images)
+                request = self.engine.prepare(asked.prompt, asked.images)
                 index = pick(self.slots, request.ids, self._used)
                 outcome.slot = self.slots[index]
                 self._used[index] = time.monotonic()
-                answered.append(outcome.slot.generate(request, options, start=start))
+                answered.append(outcome.slot.generate(request, asked.options, start=start))
                 try:
                     yield from answered[0]
                 finally:
@@ -676,28 +462,15 @@ class _Handler(BaseHTTPRequestHandler):
             refused = self._refuse()
             if refused is not None:
                 raise refused
-            if self.path not in ("/v1/chat/completions", "/v1/completions"):
+            if self.path not in (CHAT_PATH, COMPLETIONS_PATH):
                 raise ApiError(404, f"no route {self.path}", code="not_found")
             body = self._read_json()
-            chat = self.path == "/v1/chat/completions"
-            options = options_from(body, self.owner.config.max_tokens_default)
-            calling = tool_request_from(body, chat)
-            images: list[Image] = []
-            if chat:
-                engine = self.owner.engine
-                messages, images = messages_from(body, engine.vision)
-                prompt = engine.format_prompt(messages, calling.tools if calling else ())
-                if calling is not None:
-                    grammar = tools.grammar(calling, engine.tool_format[0])
-                    options = dataclasses.replace(options, grammar=grammar)
-            else:
-                raw_prompt = body.get("prompt")
-                if not isinstance(raw_prompt, str) or not raw_prompt:
-                    raise ApiError(400, "'prompt' must be a non-empty string", code="invalid_value")
-                prompt = raw_prompt
+            request = ApiRequest.parse(
+                body, self.path == CHAT_PATH, self.owner.engine, self.owner.config.max_tokens_default
+            )
             self._busy()
             self.owner.admit()
-            outcome.prompt = prompt
+            outcome.prompt = request.prompt
         except ApiError as exc:
             self._fail(exc)
             return
@@ -708,12 +481,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._fail(ApiError(400, str(exc)))
             return
         try:
-            if body.get("stream"):
-                stream_options = body.get("stream_options")
-                usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
-                self._stream(prompt, options, chat, images, outcome, usage, calling)
+            if request.stream:
+                self._stream(request, outcome)
             else:
-                self._complete(prompt, options, chat, images, outcome, calling)
+                self._complete(request, outcome)
         except ApiError as exc:
             self._fail(exc)
         except (BrokenPipeError, ConnectionResetError):
@@ -723,46 +494,12 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             self.owner.release()
 
-    def _envelope(self, chat: bool, rid: str) -> dict[str, Any]:
-        return {
-            "id": rid,
-            "object": ("chat.completion" if chat else "text_completion"),
-            "created": int(time.time()),
-            "model": self.owner.config.model_name,
-        }
-
-    @staticmethod
-    def _usage(stats: Stats | None) -> dict[str, Any]:
-        p, c, cached = (
-            (stats.prompt_tokens, stats.generated_tokens, stats.cached_tokens) if stats else (0, 0, 0)
-        )
-        return {
-            "prompt_tokens": p,
-            "completion_tokens": c,
-            "total_tokens": p + c,
-            "prompt_tokens_details": {"cached_tokens": cached},
-        }
-
-    @staticmethod
-    def _finish(stats: Stats | None, calls: list[tools.ToolCall] | None = None) -> str:
-        if calls:
-            return "tool_calls"
-        return "length" if stats and stats.finish_reason in ("length", "context") else "stop"
-
     def _calls(self, text: str, calling: tools.ToolRequest | None) -> list[tools.ToolCall] | None:
         return tools.parse_answer(text, calling, self.owner.engine.tool_format[0]) if calling else None
 
-    def _complete(
-        self,
-        prompt: str,
-        options: GenerationOptions,
-        chat: bool,
-        images: list[Image],
-        outcome: Outcome,
-        calling: tools.ToolRequest | None,
-    ) -> None:
+    def _complete(self, request: ApiRequest, outcome: Outcome) -> None:
         pieces: list[str] = []
-        chunks = self.owner.generate(prompt, options, outcome, images)
+        chunks = self.owner.generate(request, outcome)
         looked = time.monotonic()
         try:
             for chunk in chunks:
@@ -776,11 +513,14 @@ class _Handler(BaseHTTPRequestHandler):
             chunks.close()
             outcome.answer = text = "".join(pieces)
             outcome.stats = chunks.stats
-        calls = self._calls(text, calling)
-        out = self._envelope(chat, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}")
+        chat = request.chat
+        calls = self._calls(text, request.calling)
+        out = request.envelope(
+            f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", self.owner.config.model_name
+        )
         choice: dict[str, Any] = {
             "index": 0,
-            "finish_reason": self._finish(outcome.stats, calls),
+            "finish_reason": finish_reason(outcome.stats, calls),
             "logprobs": None,
         }
         if calls:
@@ -790,22 +530,14 @@ class _Handler(BaseHTTPRequestHandler):
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
-        out.update(choices=[choice], usage=self._usage(outcome.stats))
+        out.update(choices=[choice], usage=usage(outcome.stats))
         self._send_json(200, out)
 
-    def _stream(
-        self,
-        prompt: str,
-        options: GenerationOptions,
-        chat: bool,
-        images: list[Image],
-        outcome: Outcome,
-        usage: bool,
-        calling: tools.ToolRequest | None,
-    ) -> None:
+    def _stream(self, request: ApiRequest, outcome: Outcome) -> None:
+        chat, calling, model = request.chat, request.calling, self.owner.config.model_name
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         chunk_kind = "chat.completion.chunk" if chat else "text_completion"
-        chunks = self.owner.generate(prompt, options, outcome, images)
+        chunks = self.owner.generate(request, outcome)
         # Start generating before the headers, so a bad request still gets a proper status.
         first = next(chunks, None)
         self.send_response(200)
@@ -816,7 +548,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
 
         def event(delta: str | dict[str, Any] | None, finish: str | None = None) -> None:
-            out = self._envelope(chat, rid)
+            out = request.envelope(rid, model)
             out["object"] = chunk_kind
             if chat:
                 payload: dict[str, Any] = (
@@ -834,7 +566,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
 
         if chat:
-            out = self._envelope(chat, rid)
+            out = request.envelope(rid, model)
             out.update(
                 object="chat.completion.chunk",
                 choices=[{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
@@ -864,11 +596,11 @@ class _Handler(BaseHTTPRequestHandler):
             event({"tool_calls": deltas})
         elif held:
             event(held)
-        event(None, self._finish(outcome.stats, calls))
-        if usage:
+        event(None, finish_reason(outcome.stats, calls))
+        if request.usage:
             # OpenAI's stream_options.include_usage: a last chunk with no choices and the usage.
-            out = self._envelope(chat, rid)
-            out.update(object=chunk_kind, choices=[], usage=self._usage(outcome.stats))
+            out = request.envelope(rid, model)
+            out.update(object=chunk_kind, choices=[], usage=usage(outcome.stats))
             self.wfile.write(b"data: " + json.dumps(out).encode() + b"\n\n")
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
