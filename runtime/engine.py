@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -33,89 +32,22 @@ from edgephi.runtime import sandbox, tools
 from edgephi.runtime.genai import default_threads, og, open_model
 from edgephi.runtime.images import Image, load_image
 from edgephi.runtime.options import GenerationOptions
+from edgephi.runtime.prompt import IMAGE_TAG, Message, attach_images, control_tokens, defuse, fold_system
 from edgephi.runtime.sampling import SearchDefaults
 from edgephi.runtime.session import Answer, Request, Session, Stats
 
 if TYPE_CHECKING:
     from edgephi.runtime.chat import Conversation
 
-Message = dict[str, Any]  # role and content; tool turns carry tool_calls / tool_call_id
 LogitsHook = Callable[[list[int], Any], Any]
 ImageLike = Image | str | Path | bytes
 # Sequence length past which Phi-3's long-RoPE models use their long rotary factors (og's
 # own rewind threshold for model types phi3 and phimoe).
 PHI3_ROPE_SWITCH = 4096
-# og's Phi-3-vision processor finds image k of a prompt by this tag and replaces it with
-# the image's features; the tags must number the images given, 1..n, each once.
-IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
 # A chat template renders in a forked child with these limits (``_render``). Real templates
 # take milliseconds and kilobytes; a prompt is at most a context of text.
 TEMPLATE_DEADLINE_S = 5.0
 TEMPLATE_MEMORY = 128 << 20
-
-
-def image_tag(k: int) -> str:
-    return f"<|image_{k}|>\n"
-
-
-def attach_images(messages: Sequence[Message], count: int) -> list[Message]:
-    """Messages whose text places ``count`` images: their own tags, else before the last question."""
-    out = [dict(m) for m in messages]
-    tags = [int(t) for m in out for t in IMAGE_TAG.findall(m["content"])]
-    if tags:
-        if sorted(tags) != list(range(1, count + 1)):
-            raise ConfigError(
-                f"the messages tag images {sorted(tags)} but {count} image(s) were given; "
-                "tag each image once as <|image_1|>, <|image_2|>, …, or leave the tags out"
-            )
-        return out
-    if count:
-        users = [m for m in out if m["role"] == "user"]
-        if not users:
-            raise ConfigError("images need a user message to go with")
-        users[-1]["content"] = "".join(image_tag(k) for k in range(1, count + 1)) + users[-1]["content"]
-    return out
-
-
-# An added token that reads like markup (<|im_end|>, </s>, <tool_call>, [INST]) is a
-# control token: typed in a message, the tokenizer would encode it as the real thing.
-_CONTROL = re.compile(r"^(<[^\s<>]{1,40}>|\[/?[A-Z_]{2,30}\])$")
-_ZWSP = "\u200b"
-
-
-def control_tokens(model_dir: Path) -> tuple[str, ...]:
-    """The tokenizer's control-token strings (longest first), from its added tokens."""
-    try:
-        added = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8")).get("added_tokens", [])
-    except (OSError, ValueError, AttributeError):
-        return ()
-    found = {
-        a["content"]
-        for a in added
-        if isinstance(a, dict) and isinstance(a.get("content"), str) and _CONTROL.match(a["content"])
-    }
-    return tuple(sorted((t for t in found if not IMAGE_TAG.fullmatch(t)), key=len, reverse=True))
-
-
-def defuse(text: str, controls: Sequence[str]) -> str:
-    """``text`` with each control-token string broken by a zero-width space after its first
-    character: the model reads the same characters, the tokenizer no longer sees the token."""
-    for token in controls:
-        if token in text:
-            text = text.replace(token, token[0] + _ZWSP + token[1:])
-    return text
-
-
-def _fold_system(messages: Sequence[Message]) -> list[Message]:
-    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-    rest = [dict(m) for m in messages if m["role"] != "system"]
-    for m in rest:
-        if m["role"] == "user":
-            m["content"] = f"{system}\n\n{m['content']}"
-            break
-    else:
-        rest.insert(0, {"role": "user", "content": system})
-    return rest
 
 
 @dataclass(frozen=True)
@@ -220,7 +152,7 @@ class Engine:
         if system and system[0]["content"] not in prompt:
             # Some templates (Phi-3's original one among them) silently drop system messages;
             # the user asked for one, so put it at the head of the first user turn instead.
-            prompt = self._render(_fold_system(messages), listing)
+            prompt = self._render(fold_system(messages), listing)
         return prompt
 
     def _render_job(self, job: bytes) -> bytes:

@@ -20,9 +20,10 @@ from typing import Any
 
 from edgephi.core.errors import BadImage, ConfigError
 from edgephi.runtime import tools
-from edgephi.runtime.engine import IMAGE_TAG, Engine, Message, image_tag
+from edgephi.runtime.engine import Engine
 from edgephi.runtime.images import Image, load_image
 from edgephi.runtime.options import GenerationOptions
+from edgephi.runtime.prompt import IMAGE_TAG, Message, image_tag
 from edgephi.runtime.session import Stats
 
 CHAT_PATH, COMPLETIONS_PATH = "/v1/chat/completions", "/v1/completions"
