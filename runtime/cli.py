@@ -6,34 +6,31 @@
     edge-run model.phi                   interactive chat on a terminal
     edge-run list                        installed models
 
-A thin shell: it parses options into ``GenerationOptions``, calls ``loader.load`` and
-prints chunks as ``Engine.stream`` yields them. ``run`` is the default command, so
-``edge-run model.phi`` works without naming it.
+A thin shell: it parses options into ``GenerationOptions``, calls ``loader.load_model`` and
+hands the answer or the chat to ``edgephi.runtime.repl``, which prints chunks as they come.
+``run`` is the default command, so ``edge-run model.phi`` works without naming it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from edgephi.core.errors import BundleNotFound, ConfigError, EdgeError, IntegrityError, KeyFileError
-from edgephi.runtime import console, loader, memory
+from edgephi.core.errors import BundleNotFound, ConfigError, IntegrityError, KeyFileError
+from edgephi.runtime import console, loader, memory, repl
 from edgephi.runtime.chat import Conversation
-from edgephi.runtime.engine import Engine
-from edgephi.runtime.images import Image, image_tokens, load_image
+from edgephi.runtime.images import image_tokens, load_image
 from edgephi.runtime.options import GenerationOptions
-from edgephi.runtime.session import Session, Stats
+from edgephi.runtime.session import Session
 from edgephi.runtime.signing import MAX_ROTATION_BYTES
 from edgephi.runtime.store import Store
 
-PROG = "edge-run"
+PROG = repl.PROG
 
 app = typer.Typer(
     add_completion=False,
@@ -204,14 +201,14 @@ def run(
             raise ConfigError(
                 "stdin was empty", hint="give a prompt with -p, pipe one in, or run on a terminal to chat"
             )
-    printer = _json_answer if as_json else _answer
+    printer = repl.print_json if as_json else repl.print_answer
     if prompt is not None:
         # One answer and exit: a KV cache for that answer, not for a conversation to come.
         single = Conversation(engine, system=system, session=Session(engine, one_shot=True))
         printer(single, prompt, options, stats, pictures)
         return
     history = Store(store).root / "chat_history"
-    _chat(Conversation(engine, system=system), options, stats, printer, pictures, ChatLine(history))
+    repl.chat(Conversation(engine, system=system), options, stats, printer, pictures, repl.ChatLine(history))
 
 
 _OPTION_NAMES = re.compile(
@@ -223,161 +220,6 @@ _OPTION_NAMES = re.compile(
 def as_flags(message: str) -> str:
     """``max_tokens must be at least 1`` as the command line spells it: ``--max-tokens …``."""
     return _OPTION_NAMES.sub(lambda m: "--" + m.group(1).replace("_", "-"), message)
-
-
-# Prints one answer of the chat and gives back its stats.
-Printer = Callable[[Conversation, str, GenerationOptions, bool, Sequence[Image]], Stats | None]
-
-
-def _answer(
-    conversation: Conversation, text: str, options: GenerationOptions, stats: bool, images: Sequence[Image]
-) -> Stats | None:
-    dropped = conversation.dropped
-    answer = conversation.ask(text, options, images)
-    try:
-        for chunk in answer:
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
-    finally:
-        answer.close()  # Ctrl-C: the answer stops here
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-    if conversation.dropped > dropped:
-        console.info(f"(dropped {conversation.dropped - dropped} oldest exchange(s) to fit the context)")
-    if stats and answer.stats:
-        console.info(answer.stats.line())
-    return answer.stats
-
-
-def _json_answer(
-    conversation: Conversation, text: str, options: GenerationOptions, stats: bool, images: Sequence[Image]
-) -> Stats | None:
-    dropped = conversation.dropped
-    answer = conversation.ask(text, options, images)
-    record: dict[str, object] = {"text": "".join(answer), "dropped_exchanges": conversation.dropped - dropped}
-    if answer.stats:
-        record["stats"] = answer.stats.to_dict()
-    print(json.dumps(record, ensure_ascii=False), flush=True)
-    return answer.stats
-
-
-CHAT_HELP = (
-    '/reset clears the conversation, /system TEXT sets the system message, """ starts and ends '
-    "a multi-line message, /exit or Ctrl-D quits"
-)
-HISTORY_LINES = 1000
-
-
-class ChatLine:
-    """The chat's input line: editing and history through readline where the OS has it.
-
-    History persists in ``chat_history`` beside the store (as Ollama keeps its own);
-    a line of three double quotes starts a multi-line message and another ends it.
-    """
-
-    def __init__(self, history: Path) -> None:
-        self.history = history
-        try:
-            import readline
-        except ImportError:  # no readline on this Python: plain input() still works
-            self.readline = None
-            return
-        self.readline = readline
-        readline.set_history_length(HISTORY_LINES)
-        with contextlib.suppress(OSError):  # no history yet
-            readline.read_history_file(str(history))
-
-    def read(self) -> str:
-        """One message; raises EOFError at end of input, KeyboardInterrupt on Ctrl-C."""
-        text = input("> ").strip()
-        if not text.startswith('"""'):
-            return text
-        body, lines = text[3:], []
-        while not body.rstrip().endswith('"""'):
-            lines.append(body)
-            body = input("... ")
-        lines.append(body.rstrip()[:-3])
-        return "\n".join(lines).strip()
-
-    def save(self) -> None:
-        if self.readline is None:
-            return
-        try:
-            self.history.parent.mkdir(parents=True, exist_ok=True)
-            self.readline.write_history_file(str(self.history))
-        except OSError as exc:
-            console.info(f"(chat history not saved to {self.history}: {exc.strerror or exc})")
-
-
-IMAGE_HELP = "/image PATH shows the model a picture with your next message"
-
-
-def _chat(
-    conversation: Conversation,
-    options: GenerationOptions,
-    stats: bool,
-    printer: Printer,
-    pending: list[Image],
-    line: ChatLine,
-) -> None:
-    engine: Engine = conversation.engine
-    if engine.vision:
-        console.info(f"(a vision model: {IMAGE_HELP}" + (f"; {len(pending)} waiting)" if pending else ")"))
-    console.info(
-        f"Chatting with the model (context {engine.context} tokens). {CHAT_HELP}; Ctrl-C stops an answer."
-    )
-    try:
-        while True:
-            try:
-                text = line.read()
-            except EOFError:
-                console.info("")
-                return
-            except KeyboardInterrupt:
-                console.info("")
-                continue
-            if not text:
-                continue
-            if text in ("/exit", "/quit"):
-                return
-            if text == "/reset":
-                conversation.reset()
-                console.info("(conversation cleared)")
-                continue
-            if text == "/system" or text.startswith("/system "):
-                conversation.system = text[len("/system") :].strip() or None
-                console.info(f"(system message {'set' if conversation.system else 'removed'})")
-                continue
-            if engine.vision and text.startswith("/image"):
-                try:
-                    picture = load_image(Path(text[len("/image") :].strip()))
-                    pending.append(picture)
-                    console.info(
-                        f"(image {picture.name} will go with your next message, {picture.tokens} tokens)"
-                    )
-                except EdgeError as exc:
-                    console.info(console.error_line(PROG, exc))
-                continue
-            if text.startswith("/"):
-                console.info(CHAT_HELP + (f"; {IMAGE_HELP}" if engine.vision else ""))
-                continue
-            try:
-                shown, pending[:] = list(pending), []
-                last = printer(conversation, text, options, stats, shown)
-                if printer is _answer and last is not None and last.finish_reason == "length":
-                    console.info(f"(cut at --max-tokens {options.max_tokens}; raise -n for longer answers)")
-            except EdgeError as exc:
-                # One turn that cannot be answered (too long, an unreadable picture) ends only that turn.
-                console.info(console.error_line(PROG, exc))
-            except KeyboardInterrupt:
-                # Ctrl-C stops this answer, not the chat.
-                console.info("\n(interrupted)")
-            # While the user reads and types, the cache takes in the answer (also a cut one).
-            conversation.settle(background=True)
-    finally:
-        line.save()
-        # Exit only once a background settle has stopped (after its current chunk).
-        conversation.cache.wait()
 
 
 @app.command("list")
