@@ -232,28 +232,11 @@ def eval_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Perplexity of a packed model, and KL / top-1 agreement against its reference."""
-    import tempfile
-
     from edgephi.packager import evaluate
 
-    with tempfile.TemporaryDirectory(prefix="edgepack-eval-") as tmp:
-        folders = []
-        for i, path in enumerate(p for p in (model, reference) if p is not None):
-            if path.is_dir():
-                folders.append(path)
-            else:
-                folder = Path(tmp) / str(i)
-                folder.mkdir()
-                bundle.extract(path, folder)
-                folders.append(folder)
-        result = evaluate.evaluate(
-            folders[0],
-            folders[1] if reference else None,
-            text,
-            window=window,
-            max_windows=windows,
-            progress=console.info,
-        )
+    result = evaluate.evaluate_paths(
+        model, reference, text, window=window, max_windows=windows, progress=console.info
+    )
     print(json.dumps(result.to_dict(), indent=2) if as_json else result.table())
 
 

@@ -10,15 +10,17 @@ CPython's own LICENSE.txt — and is identified by name and sha256 in the result
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import math
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from edgephi.core.errors import ConfigError, SourceNotFound
+from edgephi.core.fsutil import sha256_file
 
 DEFAULT_TEXTS = (
     Path("/usr/share/common-licenses/GPL-3"),
@@ -34,7 +36,7 @@ def default_text() -> Path:
 
 
 def text_id(path: Path) -> str:
-    return f"{path.name}:{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
+    return f"{path.name}:{sha256_file(path)[:12]}"
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,45 @@ def evaluate(
         kl=kl / predicted if reference is not None else None,
         top1_agreement=agree / predicted if reference is not None else None,
     )
+
+
+def evaluate_paths(
+    model: Path,
+    reference: Path | None = None,
+    text: Path | None = None,
+    *,
+    window: int = 256,
+    max_windows: int = 4,
+    progress: Callable[[str], None] | None = None,
+) -> EvalResult:
+    """``evaluate`` of bundles or folders (``edge-pack eval``): a bundle is unpacked into a
+    temporary folder first, removed when the measurement is done."""
+    with _folders([model] if reference is None else [model, reference]) as folders:
+        return evaluate(
+            folders[0],
+            folders[1] if reference is not None else None,
+            text,
+            window=window,
+            max_windows=max_windows,
+            progress=progress,
+        )
+
+
+@contextlib.contextmanager
+def _folders(paths: list[Path]) -> Iterator[list[Path]]:
+    from edgephi.runtime import bundle
+
+    with tempfile.TemporaryDirectory(prefix="edgepack-eval-") as tmp:
+        folders = []
+        for i, path in enumerate(paths):
+            if path.is_dir():
+                folders.append(path)
+                continue
+            folder = Path(tmp) / str(i)
+            folder.mkdir()
+            bundle.extract(path, folder)
+            folders.append(folder)
+        yield folders
 
 
 def _generator(og: Any, model: Any, window: int) -> Any:
