@@ -22,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from edgephi.packager.graph import Graph
 from edgephi.packager.optimize import decoder_file, save_decoder
 
 BITS = 8
@@ -45,31 +46,21 @@ def share_int8_embedding(model_dir: Path, workdir: Path) -> int:
     weight, scales = lm_head.input[1], lm_head.input[2]
     block_size = _attr(lm_head, "block_size")
     # [N, blocks, block_size] -> [vocab, hidden]: _tied_pair checked the blocks fill the rows.
-    shape = onnx.numpy_helper.from_array(
-        np.array([vocab, hidden], dtype=np.int64), table.name + "/int8_shape"
+    g = Graph(gather.name + "/")
+    rows = g.op("Reshape", weight, g.const("int8_shape", np.array([vocab, hidden], dtype=np.int64)))
+    g.op(
+        "GatherBlockQuantized",
+        rows,
+        gather.input[1],
+        scales,
+        domain="com.microsoft",
+        out=gather.output[0],
+        bits=BITS,
+        block_size=block_size,
+        gather_axis=0,
+        quantize_axis=1,
     )
-    model.graph.initializer.append(shape)
-    rows = gather.name + "/int8_rows"
-    n = onnx.helper.make_node
-    index = list(model.graph.node).index(gather)
-    model.graph.node.remove(gather)
-    for offset, node in enumerate(
-        [
-            n("Reshape", [weight, shape.name], [rows], name=gather.name + "/Reshape"),
-            n(
-                "GatherBlockQuantized",
-                [rows, gather.input[1], scales],
-                list(gather.output),
-                name=gather.name + "/GatherBlockQuantized",
-                domain="com.microsoft",
-                bits=BITS,
-                block_size=block_size,
-                gather_axis=0,
-                quantize_axis=1,
-            ),
-        ]
-    ):
-        model.graph.node.insert(index + offset, node)
+    g.splice(model, gather)
     model.graph.initializer.remove(table)
     save_decoder(model, model_dir, name, workdir)
     return saved

@@ -23,6 +23,7 @@ from typing import Any
 
 from edgephi.core.errors import BuildError
 from edgephi.packager.embedding import embedding_gather
+from edgephi.packager.graph import Graph
 from edgephi.packager.optimize import decoder_file, save_decoder
 
 BITS = 4
@@ -72,6 +73,7 @@ def _initializers(model: Any) -> dict[str, Any]:
 
 def _quantize_embedding(model: Any, gather: Any, block_size: int) -> None:
     """Replace the embedding ``Gather`` by a dequantising lookup into INT4 blocks."""
+    import numpy as np
     import onnx
 
     inits = _initializers(model)
@@ -95,45 +97,24 @@ def _quantize_embedding(model: Any, gather: Any, block_size: int) -> None:
     else:
         return
     blocks = -(-hidden // block_size)
-    const = _Consts(model, gather.name or "embedding")
-    p = (gather.name or "embedding") + "/hqq"
+    g = Graph((gather.name or "embedding") + "/hqq/")
     ids = gather.input[1]
-    n = onnx.helper.make_node
-    new = [
-        n("Reshape", [scales, const.i64([vocab, blocks])], [p + "/scales2d"]),
-        n("Reshape", [zeros, const.i64([vocab, blocks])], [p + "/zeros2d"]),
-        n("Gather", [packed, ids], [p + "/rows"]),  # [batch, seq, blocks, block/2] uint8
-        n("BitwiseAnd", [p + "/rows", const.u8(0x0F)], [p + "/low"]),
-        n("BitShift", [p + "/rows", const.u8(4)], [p + "/high"], direction="RIGHT"),
-        n("Unsqueeze", [p + "/low", const.i64([-1])], [p + "/low1"]),
-        n("Unsqueeze", [p + "/high", const.i64([-1])], [p + "/high1"]),
-        # Byte i holds weights 2i (low nibble) and 2i+1 (high nibble) of its block.
-        n("Concat", [p + "/low1", p + "/high1"], [p + "/pairs"], axis=-1),
-        n("Reshape", [p + "/pairs", const.i64([0, 0, 0, -1])], [p + "/q"]),
-        n("Cast", [p + "/q"], [p + "/qf"], to=onnx.TensorProto.FLOAT),
-        n("Gather", [p + "/scales2d", ids], [p + "/s"]),
-        n("Gather", [p + "/zeros2d", ids], [p + "/z"]),
-        n("Unsqueeze", [p + "/s", const.i64([-1])], [p + "/s1"]),
-        n("Unsqueeze", [p + "/z", const.i64([-1])], [p + "/z1"]),
-        n("Sub", [p + "/qf", p + "/z1"], [p + "/centred"]),
-        n("Mul", [p + "/centred", p + "/s1"], [p + "/w"]),
-    ]
+    rows = g.op("Gather", packed, ids)  # [batch, seq, blocks, block/2] uint8
+    low = g.op("Unsqueeze", g.op("BitwiseAnd", rows, g.const("low_mask", np.uint8(0x0F))), g.ints(-1))
+    high = g.op(
+        "Unsqueeze", g.op("BitShift", rows, g.const("shift", np.uint8(4)), direction="RIGHT"), g.ints(-1)
+    )
+    # Byte i holds weights 2i (low nibble) and 2i+1 (high nibble) of its block.
+    q = g.op("Reshape", g.op("Concat", low, high, axis=-1), g.ints(0, 0, 0, -1))
+    scale = g.op("Unsqueeze", g.op("Gather", g.op("Reshape", scales, g.ints(vocab, blocks)), ids), g.ints(-1))
+    zero = g.op("Unsqueeze", g.op("Gather", g.op("Reshape", zeros, g.ints(vocab, blocks)), ids), g.ints(-1))
+    w = g.op("Mul", g.op("Sub", g.op("Cast", q, to=onnx.TensorProto.FLOAT), zero), scale)
     if blocks * block_size == hidden:
-        new.append(n("Reshape", [p + "/w", const.i64([0, 0, -1])], [gather.output[0]]))
+        g.op("Reshape", w, g.ints(0, 0, -1), out=gather.output[0])
     else:  # the last block was padded
-        new.append(n("Reshape", [p + "/w", const.i64([0, 0, -1])], [p + "/padded"]))
-        new.append(
-            n(
-                "Slice",
-                [p + "/padded", const.i64([0]), const.i64([hidden]), const.i64([-1])],
-                [gather.output[0]],
-            )
-        )
-    index = list(model.graph.node).index(gather)
-    model.graph.node.remove(gather)
-    for offset, node in enumerate(new):
-        node.name = f"{p}/{node.op_type}_{offset}"
-        model.graph.node.insert(index + offset, node)
+        padded = g.op("Reshape", w, g.ints(0, 0, -1))
+        g.op("Slice", padded, g.ints(0), g.ints(hidden), g.ints(-1), out=gather.output[0])
+    g.splice(model, gather)
 
 
 def _hqq_blocks(matrix: Any, block_size: int) -> tuple[Any, Any, Any]:
@@ -153,33 +134,6 @@ def _hqq_blocks(matrix: Any, block_size: int) -> tuple[Any, Any, Any]:
     rows = q.shape[0]
     packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8).reshape(rows, -1, block_size // 2)
     return packed, scales.numpy().reshape(-1), zeros.numpy().reshape(-1)
-
-
-class _Consts:
-    """Small constant initializers for the embedding subgraph, named uniquely."""
-
-    def __init__(self, model: Any, prefix: str) -> None:
-        self.model = model
-        self.prefix = prefix
-        self.count = 0
-
-    def _add(self, array: Any) -> str:
-        import onnx
-
-        self.count += 1
-        name = f"{self.prefix}/hqq/const_{self.count}"
-        self.model.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
-        return name
-
-    def i64(self, values: list[int]) -> str:
-        import numpy as np
-
-        return self._add(np.array(values, dtype=np.int64))
-
-    def u8(self, value: int) -> str:
-        import numpy as np
-
-        return self._add(np.array(value, dtype=np.uint8))
 
 
 def _drop_unused_initializers(model: Any) -> None:

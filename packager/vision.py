@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from edgephi.core.errors import BuildError, NotAModel
+from edgephi.packager.graph import Graph
 
 ARCHITECTURE = "Phi3VForCausalLM"
 PREFIX = "model.vision_embed_tokens."
@@ -243,43 +244,14 @@ def int8_blocks(matrix: Any, block_size: int) -> tuple[Any, Any]:
     return q.astype(np.uint8), scales.astype(np.float32)
 
 
-class _Graph:
-    """A few helpers over onnx.helper: named constants and one-output nodes.
-
-    With ``int8`` set, ``linear`` writes 8-bit ``MatMulNBits`` for every weight whose
-    input dimension fills whole blocks (the rest stay FP32).
-    """
+class _Graph(Graph):
+    """``Graph`` with the encoder's layers. With ``int8`` set, ``linear`` writes 8-bit
+    ``MatMulNBits`` for every weight whose input dimension fills whole blocks (the rest
+    stay FP32)."""
 
     def __init__(self, prefix: str = "", int8: Int8 | None = None) -> None:
-        self.nodes: list[Any] = []
-        self.inits: list[Any] = []
-        self.prefix = prefix
+        super().__init__(prefix)
         self.int8 = int8
-        self._n = 0
-
-    def const(self, name: str, value: Any) -> str:
-        import numpy as np
-        from onnx import numpy_helper
-
-        arr = np.asarray(value)
-        if arr.dtype == np.float64:
-            arr = arr.astype(np.float32)
-        self.inits.append(numpy_helper.from_array(arr, self.prefix + name))
-        return self.prefix + name
-
-    def ints(self, *values: int) -> str:
-        import numpy as np
-
-        self._n += 1
-        return self.const(f"i{self._n}", np.array(values, dtype=np.int64))
-
-    def op(self, op_type: str, *inputs: str, domain: str = "", **attrs: Any) -> str:
-        from onnx import helper
-
-        self._n += 1
-        out = f"{self.prefix}{op_type}_{self._n}"
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, domain=domain, **attrs))
-        return out
 
     def linear(self, x: str, weights: dict[str, Any], name: str) -> str:
         weight = weights[name + ".weight"]  # [out, in], as torch stores it
