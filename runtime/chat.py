@@ -19,11 +19,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from edgephi.core.errors import ContextOverflow
+from edgephi.runtime.answer import Answer
 from edgephi.runtime.engine import Engine
 from edgephi.runtime.images import Image
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.prompt import Message, image_tag
-from edgephi.runtime.session import Answer, Session
+from edgephi.runtime.session import Session
 
 
 @dataclass

@@ -29,12 +29,13 @@ from typing import TYPE_CHECKING, Any
 
 from edgephi.core.errors import BadImage, ConfigError, ContextOverflow, GenerationError, TemplateError
 from edgephi.runtime import sandbox, tools
+from edgephi.runtime.answer import Answer, Stats
 from edgephi.runtime.genai import default_threads, og, open_model
 from edgephi.runtime.images import Image, load_image
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.prompt import IMAGE_TAG, Message, attach_images, control_tokens, defuse, fold_system
 from edgephi.runtime.sampling import SearchDefaults
-from edgephi.runtime.session import Answer, Request, Session, Stats
+from edgephi.runtime.session import Request, Session
 
 if TYPE_CHECKING:
     from edgephi.runtime.chat import Conversation

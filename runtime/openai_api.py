@@ -20,11 +20,11 @@ from typing import Any
 
 from edgephi.core.errors import BadImage, ConfigError
 from edgephi.runtime import tools
+from edgephi.runtime.answer import Stats
 from edgephi.runtime.engine import Engine
 from edgephi.runtime.images import Image, load_image
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.prompt import IMAGE_TAG, Message, image_tag
-from edgephi.runtime.session import Stats
 
 CHAT_PATH, COMPLETIONS_PATH = "/v1/chat/completions", "/v1/completions"
 _DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[^;,]*)*),(?P<data>.*)$", re.DOTALL)

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from edgephi.core.errors import EdgeError
 from edgephi.runtime import console
+from edgephi.runtime.answer import Stats
 from edgephi.runtime.chat import Conversation
 from edgephi.runtime.engine import Engine
 from edgephi.runtime.images import Image, load_image
 from edgephi.runtime.options import GenerationOptions
-from edgephi.runtime.session import Stats
 
 PROG = "edge-run"
 

@@ -52,9 +52,10 @@ from typing import Any
 
 from edgephi.core.errors import BadImage, ConfigError, ContextOverflow, EdgeError, TemplateError
 from edgephi.runtime import tools
+from edgephi.runtime.answer import Answer, Stats
 from edgephi.runtime.engine import Engine
 from edgephi.runtime.openai_api import CHAT_PATH, COMPLETIONS_PATH, ApiError, ApiRequest, finish_reason, usage
-from edgephi.runtime.session import Answer, Session, Stats, pick
+from edgephi.runtime.session import Session, pick
 
 TEXT_MAX_BODY = 1 << 20
 VISION_MAX_BODY = 32 << 20  # a phone photo as base64 in a data: URL

@@ -26,12 +26,13 @@ import openai
 import pytest
 from conftest import serving
 from edgephi.runtime import load
+from edgephi.runtime.answer import Answer, Stats
 from edgephi.runtime.chat import Conversation
 from edgephi.runtime.engine import Engine
 from edgephi.runtime.options import GenerationOptions
 from edgephi.runtime.sampling import Penalties, penalize
 from edgephi.runtime.server import ModelServer
-from edgephi.runtime.session import Answer, Session, Stats
+from edgephi.runtime.session import Session
 from edgephi.runtime.store import Store
 
 GREEDY = GenerationOptions(max_tokens=24, temperature=0.0)

@@ -10,9 +10,9 @@ import numpy as np
 import onnxruntime_genai as og
 import pytest
 from edgephi.core.errors import ConfigError
+from edgephi.runtime.answer import StopMatcher
 from edgephi.runtime.engine import Engine
 from edgephi.runtime.options import GenerationOptions
-from edgephi.runtime.session import StopMatcher
 
 SEA = [{"role": "user", "content": "Tell me about the sea."}]
 GREEDY = GenerationOptions(max_tokens=12, temperature=0.0)
