@@ -280,7 +280,7 @@ def test_a_dropped_request_stops_its_answer(smol, capsys) -> None:  # type: igno
             time.sleep(0.1)
     [dropped] = re.findall(r"generated=(\d+) ttft=\S+ finish=cancelled", log)
     assert 0 < int(dropped) < 600, log
-    assert re.search(r"generated=2 ttft=\S+ finish=length", log), log
+    assert re.search(r"generated=[12] ttft=\S+ finish=(length|stop)", log), log  # the "hi" after it
 
 
 def test_log_prompts_adds_the_prompt_and_answer_to_the_line(smollm2_bundle: Path) -> None:
