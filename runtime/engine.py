@@ -3,11 +3,13 @@
 ``Engine`` wraps onnxruntime-genai. It loads the model with an explicit thread count and
 context length applied through og's config overlay (the installed files are never
 edited), turns chat messages into a prompt with the model's own chat template, and
-``stream()`` returns an ``Answer`` that yields decoded text as tokens arrive and holds the
-answer's statistics once it ends. The answer itself runs in a ``Session`` (``edgephi.runtime.session``),
-which keeps its generator's KV cache between answers: the engine's own session serves
-``stream``/``generate`` and every ``Conversation``, so a prompt that repeats the start of
-the previous one (a chat's history, a shared system prompt) computes only what is new.
+``stream()`` returns an ``Answer`` (``edgephi.runtime.answer``) that yields decoded text
+as tokens arrive and holds its statistics once it ends. The answer runs in a ``Session``
+(``edgephi.runtime.session``), which keeps its generator's KV cache between answers: the
+engine's own session serves ``stream``/``generate`` and every ``Conversation``, so a
+prompt that repeats the start of the previous one (a chat's history, a shared system
+prompt) computes only what is new. What goes into a prompt besides the chat template
+(image tags, control tokens, a dropped system message) is ``edgephi.runtime.prompt``.
 
 A vision model (Phi-3.5-vision, ``edgephi.packager.vision``) also takes pictures: each is
 checked from its headers (``edgephi.runtime.images``), tagged ``<|image_k|>`` in the
