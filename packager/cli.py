@@ -166,13 +166,14 @@ def _inputs_line(model: ModelFacts) -> str:
 
 
 def _quality_line(q: dict[str, object]) -> str:
-    if not q:
-        return "not measured (edge-pack build --eval)"
+    calibrated = f"; calibrated on {q['calibration']}" if "calibration" in q else ""
+    if "ppl" not in q:
+        return "not measured (edge-pack build --eval)" + calibrated
     ppl, ref, rise = q.get("ppl", 0), q.get("ppl_reference", 0), q.get("ppl_increase", 0)
     kl, top1 = q.get("kl", 0), q.get("top1_agreement", 0)
     return (
         f"PPL {ppl:.2f} vs FP32 {ref:.2f} ({rise:+.1%}), KL {kl:.4f}, top-1 {top1:.0%} "
-        f"on {q.get('text')} [{q.get('recipe')}]"
+        f"on {q.get('text')} [{q.get('recipe')}]{calibrated}"
     )
 
 

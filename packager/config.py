@@ -26,7 +26,12 @@ QUANT_RECIPES: dict[str, tuple[int, str]] = {
     # onnxruntime's HQQ over the builder's FP32 graph (edgephi.packager.hqq): float zero
     # points, so 8 bytes of scale and zero per block instead of the default's 4.
     "hqq-b32": (32, "hqq"),
+    # The builder's INT4 layout, its scales weighted by activations on a shipped text
+    # (edgephi.packager.imatrix).
+    "imatrix-b32": (32, "imatrix"),
 }
+# Recipes edgephi computes itself: the builder exports for them with its default algorithm.
+OWN_ALGORITHMS = ("hqq", "imatrix")
 
 
 @dataclass(frozen=True)
@@ -69,14 +74,18 @@ class BuildConfig:
             )
         if (
             self.quant is not None
-            and self.recipe[1] == "hqq"
+            and self.recipe[1] in OWN_ALGORITHMS
             and self.effective_precision is not Precision.INT4
         ):
             raise ConfigError(f"--quant {self.quant} is an INT4 recipe, but the precision is int8")
-        if self.uses_hqq and self.adapters:
+        if self.uses_imatrix and not self.target.symmetric:
+            raise ConfigError(
+                f"--quant {self.quant} writes symmetric INT4 blocks; target {self.target.name} is asymmetric"
+            )
+        if (self.uses_hqq or self.uses_imatrix) and self.adapters:
             raise ConfigError(
                 "switchable LoRA adapters are built with the builder's own quantisation; "
-                "choose a --quant that is not hqq-*, or build without --adapter"
+                f"choose a --quant that is not {self.quant or self.recipe[1]}, or build without --adapter"
             )
         if self.effective_model_format is ModelFormat.ORT:
             if self.target.execution_provider is not ExecutionProvider.CPU:
@@ -130,6 +139,16 @@ class BuildConfig:
     def uses_hqq(self) -> bool:
         """HQQ runs on the builder's FP32 graph; only INT4 builds use it."""
         return self.recipe[1] == "hqq" and self.effective_precision is Precision.INT4
+
+    @property
+    def uses_imatrix(self) -> bool:
+        """imatrix rewrites an INT4 build's weights from an FP32 export of the same source."""
+        return self.recipe[1] == "imatrix" and self.effective_precision is Precision.INT4
+
+    @property
+    def builder_algorithm(self) -> str:
+        """The algorithm the builder is asked for: its default where edgephi quantises itself."""
+        return "default" if self.recipe[1] in OWN_ALGORITHMS else self.recipe[1]
 
     @property
     def effective_model_format(self) -> ModelFormat:

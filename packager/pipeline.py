@@ -8,7 +8,9 @@ build so far (``Build``, frozen) to the build with its part added, in one work d
    folder (``packager.gguf``); stage a Phi-3.5-vision checkpoint's text decoder;
 2. ``export``    — run onnxruntime-genai's model builder for the target's precision,
    execution provider and quantisation recipe (``packager.builder``); then quantise its
-   FP32 graph for the ``hqq-b32`` recipe (``packager.hqq``), give an INT8 build's tied
+   FP32 graph for the ``hqq-b32`` recipe (``packager.hqq``), or rewrite its INT4 weights
+   with importance-weighted scales from an FP32 export for ``imatrix-b32``
+   (``packager.imatrix``), give an INT8 build's tied
    embedding the lm_head's blocks (``packager.embedding``), build a vision model's image
    encoder and embedding models (``packager.vision``), and strip and fuse a CPU target's
    graph, checking its greedy tokens did not change (``packager.optimize``);
@@ -39,7 +41,7 @@ from typing import Any
 
 from edgephi.core.errors import BuilderFailed, BuildError
 from edgephi.core.fsutil import remove_tree
-from edgephi.packager import adapters, builder, finalize, optimize, sources, validate, vision, writer
+from edgephi.packager import adapters, builder, finalize, imatrix, optimize, sources, validate, vision, writer
 from edgephi.packager.config import QUANT_RECIPES, BuildConfig
 from edgephi.runtime.bundle import MIN_RUNTIME
 from edgephi.runtime.manifest import Manifest
@@ -49,6 +51,7 @@ from edgephi.targets import ExecutionProvider, KVCache, Precision
 
 Progress = Callable[[str], None]
 
+REFERENCE = "reference"  # the FP32 export of the same source, in the work directory
 _TOOLS = ("edgephi", "onnxruntime-genai", "onnxruntime", "transformers", "torch", "onnx")
 
 
@@ -75,17 +78,11 @@ def _quality(
     """The quality card: the packed model against an FP32 build of the same source."""
     from edgephi.packager import evaluate
 
-    progress("      measuring quality: building an FP32 reference of the same source")
-    reference = dataclasses.replace(
-        request,
-        output_dir=workdir / "reference",
-        precision=Precision.FP32,
-        kv_scale_file=None,
-        adapter_path=None,
-        exclude_nodes=(),
-    )
-    builder.export(reference)
-    result = evaluate.evaluate(onnx_dir, reference.output_dir, progress=progress)
+    reference = workdir / REFERENCE
+    if not reference.is_dir():  # an imatrix build has exported it already
+        progress("      measuring quality: building an FP32 reference of the same source")
+        reference = _fp32_reference(request, workdir).output_dir
+    result = evaluate.evaluate(onnx_dir, reference, progress=progress)
     for line in result.table().splitlines():
         progress(f"      {line}")
     increase = result.ppl_increase or 0.0
@@ -96,6 +93,21 @@ def _quality(
             hint=f"choose a stronger --quant recipe ({', '.join(QUANT_RECIPES)}) or a higher --precision",
         )
     return {**result.to_dict(), "recipe": config.quant or f"target {config.target.name}"}
+
+
+def _fp32_reference(request: builder.ExportRequest, workdir: Path) -> builder.ExportRequest:
+    """Export the same source in FP32 (``workdir/reference``): the quality card's reference
+    and the weights ``imatrix`` calibrates."""
+    reference = dataclasses.replace(
+        request,
+        output_dir=workdir / REFERENCE,
+        precision=Precision.FP32,
+        kv_scale_file=None,
+        adapter_path=None,
+        exclude_nodes=(),
+    )
+    builder.export(reference)
+    return reference
 
 
 def _strip_and_fuse(
@@ -196,6 +208,7 @@ class Build:
     graph: optimize.GraphReport | None = None
     manifest: Manifest | None = None
     smoke: str = ""
+    calibration: imatrix.Calibration | None = None
 
     @property
     def onnx_dir(self) -> Path:
@@ -266,7 +279,7 @@ def _export(b: Build) -> Build:
         block_size=config.recipe[0],
         accuracy_level=target.accuracy_level,
         symmetric=target.symmetric,
-        algorithm=config.recipe[1],
+        algorithm=config.builder_algorithm,
         tied_embeddings=bool(b.hf_config.get("tie_word_embeddings", False)),
         inputs_embeds=b.multimodal,
     )
@@ -292,6 +305,11 @@ def _export(b: Build) -> Build:
         from edgephi.packager import hqq
 
         hqq.quantize(onnx_dir, config.recipe[0], target.accuracy_level, workdir / "hqq")
+    calibration = None
+    if config.uses_imatrix:
+        progress("      imatrix: exporting FP32 weights of the same source to calibrate on")
+        fp32 = _fp32_reference(request, workdir)
+        calibration = imatrix.quantize(onnx_dir, fp32.output_dir, workdir / "imatrix", progress=progress)
     if precision is Precision.INT8 and target.execution_provider is ExecutionProvider.CPU:
         from edgephi.packager import embedding
 
@@ -314,7 +332,7 @@ def _export(b: Build) -> Build:
         )
         spec = vision.export(b.source.path, b.hf_config, onnx_dir, int8)
     graph = _strip_and_fuse(config, onnx_dir, workdir, progress)
-    return dataclasses.replace(b, request=request, spec=spec, graph=graph)
+    return dataclasses.replace(b, request=request, spec=spec, graph=graph, calibration=calibration)
 
 
 def _finalize(b: Build) -> Build:
@@ -380,8 +398,11 @@ def _validate(b: Build) -> Build:
     else:
         ep = config.target.execution_provider.value
         b.progress(f"      (skipped: {ep} models cannot run on this CPU host)")
+    # What a calibrated recipe learnt from, by name and hash, measured or not.
+    quality = b.calibration.card() if b.calibration is not None else {}
     if config.measures_quality:
-        quality = _quality(config, b.request, b.onnx_dir, b.workdir, b.progress)
+        quality |= _quality(config, b.request, b.onnx_dir, b.workdir, b.progress)
+    if quality:
         manifest = dataclasses.replace(manifest, quality=quality)
     return dataclasses.replace(b, manifest=manifest, smoke=smoke)
 

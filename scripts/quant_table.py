@@ -15,8 +15,9 @@ import tempfile
 from pathlib import Path
 
 import assets
+import docsection
 from edgephi import targets
-from edgephi.packager import evaluate, pipeline
+from edgephi.packager import evaluate, imatrix, pipeline
 from edgephi.packager.config import QUANT_RECIPES, BuildConfig
 from edgephi.runtime import bundle
 from edgephi.targets import ModelFormat, Precision
@@ -109,7 +110,10 @@ def main() -> None:
         "the tied embedding, as llama.cpp's Q4_0 keeps its output matrix in Q8_0; both cost size); `hqq-b32`",
         "is onnxruntime's HQQ quantizer run by edgephi over the builder's FP32 graph, with float zero",
         "points (8 bytes of scale and zero per block instead of 4), the embedding sharing the lm_head's",
-        "INT4 blocks. Every row went through the same strip-and-fuse step; the ORT-format row is the",
+        "INT4 blocks; `imatrix-b32` is the default's layout with each block's scale searched to",
+        "minimise its rounding error weighted by the mean square of the activations it meets on",
+        f"`{imatrix.CALIBRATION_TEXT.name}` (edgephi's calibration text, not this table's). Every row",
+        "went through the same strip-and-fuse step; the ORT-format row is the",
         "android-arm64 target's file format (`--format ort`). Speed is not in this table (see",
         "`scripts/bench_vs_llamacpp`, `scripts/decode_levers.py`), but one thing is: onnxruntime 1.32's",
         "MatMulNBits has no fast CPU path for float zero points, and `hqq-*` decoded about 15x slower than",
@@ -122,7 +126,9 @@ def main() -> None:
         *reading(rows),
         "",
     ]
-    (ROOT / "docs" / "quantization.md").write_text("\n".join(lines))
+    path = ROOT / "docs" / "quantization.md"
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    path.write_text(docsection.keep(old, "\n".join(lines)), encoding="utf-8")
     print("wrote docs/quantization.md")
 
 

@@ -47,7 +47,7 @@ class ModelFormat(str, enum.Enum):
 
 # The builder's base methods and presets for weight-only quantisation (its ``algo_config``),
 # and ``hqq``: edgephi's pass over the builder's FP32 graph (``edgephi.packager.hqq``).
-ALGORITHMS = ("default", "rtn", "k_quant", "rtn_last", "k_quant_last", "k_quant_mixed", "hqq")
+ALGORITHMS = ("default", "rtn", "k_quant", "rtn_last", "k_quant_last", "k_quant_mixed", "hqq", "imatrix")
 _BLOCK_SIZES = (16, 32, 64, 128, 256)
 # A vision model's image encoder and embedding table (``edgephi.packager.vision``).
 VISION_PRECISIONS = (Precision.FP32, Precision.INT8)

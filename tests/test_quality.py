@@ -10,9 +10,12 @@ import assets
 import pytest
 import tiny
 from conftest import build_bundle
-from edgephi.packager import evaluate
+from edgephi.core.fsutil import sha256_file
+from edgephi.packager import evaluate, imatrix
 from edgephi.packager.cli import app as pack_app
-from edgephi.runtime import bundle
+from edgephi.runtime import bundle, load
+from edgephi.runtime.options import GenerationOptions
+from edgephi.runtime.store import Store
 from edgephi.targets import ModelFormat, Precision
 from typer.testing import CliRunner
 
@@ -107,6 +110,8 @@ def test_hqq_b32_loses_less_than_the_default_on_smollm2(
         (["--quant", "hqq-b32", "--precision", "int8"], "INT4 recipe"),
         (["--format", "ort", "--target", "cuda"], "CPU targets"),
         (["--quant", "hqq-b32", "--adapter", "{lora}"], "adapters"),
+        (["--quant", "imatrix-b32", "--precision", "int8"], "INT4 recipe"),
+        (["--quant", "imatrix-b32", "--adapter", "{lora}"], "adapters"),
     ],
 )
 def test_recipe_and_format_combinations_that_cannot_work_are_named(
@@ -124,3 +129,43 @@ def test_unknown_recipe_lists_the_known_ones(tmp_path: Path) -> None:
         pack_app, ["build", str(tiny.tiny_model("llama")), "-o", str(tmp_path / "x.phi"), "--quant", "magic"]
     )
     assert result.exit_code != 0 and "rtn-b32" in str(result.exception)
+
+
+def test_a_calibrated_build_names_its_calibration_text_and_reuses_its_fp32_export(
+    tmp_path: Path, store: Store
+) -> None:
+
+    out = tmp_path / "calibrated.phi"
+    source = str(tiny.tiny_model("llama"))
+    result = CliRunner().invoke(
+        pack_app, ["build", source, "-o", str(out), "--quant", "imatrix-b32", "--eval"]
+    )
+    assert result.exit_code == 0, result.output
+    # One FP32 export serves both the calibration and the quality card's reference.
+    assert "exporting FP32 weights of the same source to calibrate on" in result.output
+    assert "building an FP32 reference" not in result.output
+    quality = bundle.open_bundle(out).manifest.quality
+    text = imatrix.CALIBRATION_TEXT
+    assert quality["calibration"] == f"{text.name}:{sha256_file(text)[:12]}"
+    assert int(quality["calibration_tokens"]) >= imatrix.WINDOW
+    assert quality["recipe"] == "imatrix-b32" and quality["text"] != quality["calibration"]
+    assert math.isfinite(float(quality["ppl"]))
+    shown = CliRunner().invoke(pack_app, ["inspect", str(out)])
+    assert f"calibrated on {quality['calibration']}" in shown.output
+    answer = load(out, store=store).generate(
+        [{"role": "user", "content": "hi"}], GenerationOptions(max_tokens=5, temperature=0)
+    )
+    assert answer.stats.generated_tokens == 5 and answer.text
+
+
+def test_a_calibrated_recipe_needs_a_symmetric_target(tmp_path: Path) -> None:
+    import dataclasses
+
+    from edgephi import targets
+    from edgephi.core.errors import ConfigError
+    from edgephi.packager.config import BuildConfig
+
+    asymmetric = dataclasses.replace(targets.get("cpu"), symmetric=False)
+    with pytest.raises(ConfigError, match="symmetric INT4 blocks"):
+        BuildConfig(source="m", output=tmp_path / "m.phi", target=asymmetric, quant="imatrix-b32")
+    BuildConfig(source="m", output=tmp_path / "m.phi", target=targets.get("cpu"), quant="imatrix-b32")
