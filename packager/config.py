@@ -78,10 +78,6 @@ class BuildConfig:
             and self.effective_precision is not Precision.INT4
         ):
             raise ConfigError(f"--quant {self.quant} is an INT4 recipe, but the precision is int8")
-        if self.uses_imatrix and not self.target.symmetric:
-            raise ConfigError(
-                f"--quant {self.quant} writes symmetric INT4 blocks; target {self.target.name} is asymmetric"
-            )
         if (self.uses_hqq or self.uses_imatrix) and self.adapters:
             raise ConfigError(
                 "switchable LoRA adapters are built with the builder's own quantisation; "
@@ -176,7 +172,7 @@ class BuildConfig:
                 "quantisation",
                 f"{self.quant or 'target default'}: block {self.recipe[0]}, {self.recipe[1]}, "
                 f"accuracy level {self.target.accuracy_level}, "
-                f"{'symmetric' if self.target.symmetric else 'asymmetric'}",
+                f"{'symmetric' if self.target.symmetric and not self.uses_imatrix else 'asymmetric'}",
             ),
             ("format", self.effective_model_format.value),
             ("default context", f"{self.effective_context} tokens"),

@@ -1,24 +1,26 @@
-"""Importance-weighted INT4 scales: calibrated rounding in the builder's own INT4 layout.
+"""Importance-weighted INT4: calibrated rounding for onnxruntime's fast INT4 kernel.
 
 The ``imatrix-b32`` recipe (``packager.config.QUANT_RECIPES``) exports twice: the
-builder's INT4 model, whose graph is shipped unchanged (symmetric ``MatMulNBits`` blocks
-of 32, the tied embedding a ``GatherBlockQuantized`` over the lm_head's blocks —
-onnxruntime's fast CPU path), and an FP32 model of the same source, whose weights are
-quantised here and written into the INT4 graph's initializers in place of the builder's
-round-to-nearest values. The pipeline keeps the FP32 export as the quality card's reference.
+builder's symmetric INT4 model, whose graph is the scaffold (``MatMulNBits`` in blocks of
+32, the tied embedding a ``GatherBlockQuantized`` over the lm_head's blocks), and an FP32
+model of the same source, whose weights are quantised here and written into the scaffold
+in place of the builder's round-to-nearest values, with integer zero points (asymmetric
+blocks: half a byte per 32 weights, and still the fast ``MatMulNBits`` path that HQQ's
+float zero points lose). The pipeline keeps the FP32 export as the quality card's reference.
 
 Calibration runs the FP32 model over a text shipped with edgephi (``packager/calibration/``,
 never an evaluation text) and records, for every MatMul, the mean square of each input
-channel — llama.cpp's "importance matrix". Each block's scale is then the one, among
-candidates around the round-to-nearest scale (the largest weight at -8, or at +7), that
-minimises the block's rounding error weighted by those importances: weights that meet
-large activations are rounded more closely, at the expense of those that meet small ones.
+channel — llama.cpp's "importance matrix". Each block's range is then chosen, among
+candidates that pull its minimum and maximum in, to minimise the block's rounding error
+weighted by those importances: weights that meet large activations are rounded more
+closely, at the expense of those that meet small ones.
 
 Why not GPTQ's error feedback over the full ``xᵀx``: measured on SmolLM2 with the shipped
 text (2.9k tokens), it cut every layer's own output error 4-5x and still raised perplexity
-(+56% against FP32 where round-to-nearest loses +34%): so few tokens over-fit the
-off-diagonal terms. The diagonal needs no such volume, and K numbers per MatMul instead of
-K² keep a 3.8B model's calibration within the FP32 model's own memory.
+(+57% against FP32 where round-to-nearest loses +34%): so few tokens over-fit the
+off-diagonal terms (docs/quantization.md). The diagonal needs no such volume, and K
+numbers per MatMul instead of K² keep a 3.8B model's calibration within the FP32 model's
+own memory.
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ from edgephi.packager.optimize import decoder_file, save_decoder
 CALIBRATION_TEXT = Path(__file__).parent / "calibration" / "mixed-en.txt"
 BITS = 4
 WINDOW = 512  # tokens per calibration run
-# Candidate scales, as multiples of the round-to-nearest one: llama.cpp searches a similar
-# range (make_qx_quants); below 0.6 a block clips too much to win anywhere measured.
-FACTORS = tuple(0.6 + 0.025 * i for i in range(23))  # 0.6 … 1.15
+# How far each end of a block's range may be pulled in (min and max independently): rounding
+# a few outliers hard buys the rest a finer step. 49 candidates per block.
+SHRINK = tuple(1.0 - 0.05 * i for i in range(7))  # 1.0 … 0.7
+_ROWS = 4096  # output rows searched at once
 _FLOOR = 0.01  # importance floor, as a fraction of the mean: no weight is ignored entirely
 _PRUNE = "/lm_head/prune/"  # the builder computes logits for the last position only
 
@@ -79,11 +82,18 @@ def quantize(
     importance = channel_importance(fp32, fp32_dir, sorted({p.activation for p in pairs}), ids)
     inits = {t.name: t for t in model.graph.initializer}
     fp32_inits = {t.name: t for t in fp32.graph.initializer}
+    nodes = {node.name: node for node in model.graph.node}
     for pair in pairs:
         weight = onnx.numpy_helper.to_array(fp32_inits[pair.fp32_weight], str(fp32_dir))  # [K, N]
-        packed, scales = quantize_weight(weight, importance[pair.activation], pair.block_size)
+        packed, scales, zeros = quantize_weight(weight, importance[pair.activation], pair.block_size)
         _replace(inits[pair.packed], packed)
         _replace(inits[pair.scales], scales.reshape(tuple(inits[pair.scales].dims)))
+        zero_name = pair.fp32_weight + "_zero_points"
+        model.graph.initializer.append(onnx.numpy_helper.from_array(zeros, zero_name))
+        nodes[pair.node].input.append(zero_name)
+        for lookup in _lookups(model, pair):
+            # The tied embedding reads the same blocks, so it needs the same zero points.
+            lookup.input.append(zero_name)
     save_decoder(model, model_dir, name, workdir)
     return Calibration(text=f"{text.name}:{sha256_file(text)[:12]}", tokens=len(ids), matmuls=len(pairs))
 
@@ -92,6 +102,7 @@ def quantize(
 class _Pair:
     """One INT4 MatMul, the FP32 weight it comes from and the activation it multiplies."""
 
+    node: str
     packed: str
     scales: str
     fp32_weight: str
@@ -115,13 +126,14 @@ def _pairs(model: Any, fp32: Any) -> list[_Pair]:
         source = fp32_matmuls.get(node.name[: -len(f"_Q{BITS}")])
         if source is None or source.input[1] not in fp32_inits:
             continue
-        if _attr(node, "bits") != BITS or (len(node.input) > 3 and node.input[3]):
-            continue  # only the symmetric INT4 layout is written here
+        if _attr(node, "bits") != BITS or len(node.input) > 3:
+            continue  # the builder's symmetric INT4 layout is the scaffold written over
         activation = source.input[0]
         while activation.startswith(_PRUNE):  # Unsqueeze(Gather(hidden, -1)): use every position
             activation = producers[activation].input[0]
         pairs.append(
             _Pair(
+                node=node.name,
                 packed=node.input[1],
                 scales=node.input[2],
                 fp32_weight=source.input[1],
@@ -130,6 +142,19 @@ def _pairs(model: Any, fp32: Any) -> list[_Pair]:
             )
         )
     return pairs
+
+
+def _lookups(model: Any, pair: _Pair) -> list[Any]:
+    """The ``GatherBlockQuantized`` nodes that read ``pair``'s blocks (a tied embedding)."""
+    reshaped = {n.output[0] for n in model.graph.node if n.op_type == "Reshape" and n.input[0] == pair.packed}
+    return [
+        n
+        for n in model.graph.node
+        if n.op_type == "GatherBlockQuantized"
+        and (n.input[0] == pair.packed or n.input[0] in reshaped)
+        and n.input[2] == pair.scales
+        and len(n.input) == 3
+    ]
 
 
 def token_ids(model_dir: Path, text: Path) -> list[int]:
@@ -188,11 +213,13 @@ def past_inputs(session: Any, model_dir: Path) -> dict[str, Any]:
     }
 
 
-def quantize_weight(weight: Any, importance: Any, block_size: int) -> tuple[Any, Any]:
-    """An ONNX MatMul weight [K, N] → MatMulNBits bytes [N, blocks, block/2] and scales [N, blocks].
+def quantize_weight(weight: Any, importance: Any, block_size: int) -> tuple[Any, Any, Any]:
+    """An ONNX MatMul weight [K, N] → MatMulNBits bytes [N, blocks, block/2], scales [N, blocks]
+    and packed zero points [N, ⌈blocks/2⌉].
 
-    Symmetric INT4 as onnxruntime stores it: value ``(q - 8) · scale``, q in 0..15. With a
-    uniform ``importance`` the factor-1 candidate is onnxruntime's own round-to-nearest.
+    Asymmetric INT4 as onnxruntime stores it: value ``(q - zero) · scale``, q and zero in
+    0..15, two to a byte, low nibble first. The candidate grids stretch each block's
+    [min, max] (zero included) towards zero; the (1, 1) candidate is plain rounding.
     """
     import numpy as np
 
@@ -201,27 +228,41 @@ def quantize_weight(weight: Any, importance: Any, block_size: int) -> tuple[Any,
     blocks = -(-k // block_size)
     padded = np.zeros((rows, blocks * block_size), dtype=np.float32)
     padded[:, :k] = w
-    groups = padded.reshape(rows, blocks, block_size)
-    imp = np.zeros(blocks * block_size, dtype=np.float64)
+    imp = np.zeros(blocks * block_size, dtype=np.float32)
     imp[:k] = importance
     imp = (imp + _FLOOR * imp[:k].mean()).reshape(1, blocks, block_size)
+    q = np.empty((rows, blocks, block_size), dtype=np.uint8)
+    scales = np.empty((rows, blocks), dtype=np.float32)
+    zeros = np.zeros((rows, blocks + blocks % 2), dtype=np.uint8)
+    for r in range(0, rows, _ROWS):  # bounded temporaries, whatever the matrix
+        groups = padded[r : r + _ROWS].reshape(-1, blocks, block_size)
+        q[r : r + _ROWS], scales[r : r + _ROWS], zeros[r : r + _ROWS, :blocks] = _search(groups, imp)
+    packed = q[..., 0::2] | (q[..., 1::2] << 4)
+    return packed, scales, zeros[:, 0::2] | (zeros[:, 1::2] << 4)
 
-    # The weight of largest magnitude maps to -8 (onnxruntime's choice) — or to +7.
-    at = np.take_along_axis(groups, np.abs(groups).argmax(axis=2)[..., None], axis=2)[..., 0]
-    base = np.where(at == 0, 1.0, at / -8.0)
-    best_scale = base.astype(np.float32)
-    best_err = np.full(base.shape, np.inf)
-    for factor in FACTORS:
-        for scale in (base * factor, base * (-8.0 / 7.0) * factor):
-            scale = scale.astype(np.float32)
-            q = np.clip(np.rint(groups / scale[..., None]) + 8, 0, 15)
-            err = (((q - 8) * scale[..., None] - groups) ** 2 * imp).sum(axis=2)
+
+def _search(groups: Any, imp: Any) -> tuple[Any, Any, Any]:
+    """Per block of ``groups`` [rows, blocks, size]: the (q, scale, zero) of least weighted error."""
+    import numpy as np
+
+    low = np.minimum(groups.min(axis=2), 0)
+    high = np.maximum(groups.max(axis=2), 0)
+    best_err = np.full(low.shape, np.inf, dtype=np.float32)
+    best_scale = np.ones(low.shape, dtype=np.float32)
+    best_zero = np.zeros(low.shape, dtype=np.float32)
+    for a in SHRINK:
+        for b in SHRINK:
+            span = high * b - low * a
+            scale = np.where(span == 0, 1.0, span / 15).astype(np.float32)
+            zero = np.clip(np.rint(-low * a / scale), 0, 15)
+            q = np.clip(np.rint(groups / scale[..., None]) + zero[..., None], 0, 15)
+            err = ((((q - zero[..., None]) * scale[..., None]) - groups) ** 2 * imp).sum(axis=2)
             better = err < best_err
-            best_scale = np.where(better, scale, best_scale)
             best_err = np.where(better, err, best_err)
-    q = np.clip(np.rint(groups / best_scale[..., None]) + 8, 0, 15).astype(np.uint8)
-    packed = q[..., 0::2] | (q[..., 1::2] << 4)  # byte j: weights 2j (low nibble) and 2j+1
-    return packed, best_scale
+            best_scale = np.where(better, scale, best_scale)
+            best_zero = np.where(better, zero, best_zero)
+    q = np.clip(np.rint(groups / best_scale[..., None]) + best_zero[..., None], 0, 15)
+    return q.astype(np.uint8), best_scale, best_zero.astype(np.uint8)
 
 
 def _replace(tensor: Any, values: Any) -> None:

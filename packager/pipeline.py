@@ -278,7 +278,9 @@ def _export(b: Build) -> Build:
         execution_provider=target.execution_provider,
         block_size=config.recipe[0],
         accuracy_level=target.accuracy_level,
-        symmetric=target.symmetric,
+        # imatrix writes its own zero points over a symmetric scaffold: the builder's
+        # asymmetric export cannot share a tied embedding (``packager.builder``).
+        symmetric=target.symmetric or config.uses_imatrix,
         algorithm=config.builder_algorithm,
         tied_embeddings=bool(b.hf_config.get("tie_word_embeddings", False)),
         inputs_embeds=b.multimodal,

@@ -4,8 +4,9 @@
 
 One F32 source — SmolLM2-135M-Instruct's GGUF, dequantised — becomes every contestant:
 our bundles (``edge-pack build``: the CPU default recipe, two k-quant recipes that keep
-more in INT8, and INT8), and llama.cpp's Q4_0, Q4_K_M and Q8_0 (llama-cpp-python built
-from its source distribution by the shell wrapper, and its quantize API). Then, in one
+more in INT8, the calibrated ``imatrix-b32``, and INT8), and llama.cpp's Q4_0, Q4_K_M and
+Q8_0 (llama-cpp-python built from its source distribution by the shell wrapper, and its
+quantize API). Then, in one
 run, alternating the contestants round by round so that the machine's drift hits all of
 them alike, each round starts every contestant in a fresh process that loads the model,
 warms up, and measures one prompt of ``--prompt-tokens`` (TTFT) answered with exactly
@@ -56,6 +57,7 @@ OURS: dict[str, dict[str, str]] = {
     DEFAULT: {"quant": "default-b32"},
     "edgephi kquant-last-b32": {"quant": "kquant-last-b32"},
     "edgephi kquant-mixed-b32": {"quant": "kquant-mixed-b32"},
+    "edgephi imatrix-b32": {"quant": "imatrix-b32"},
     "edgephi int8": {"precision": "int8"},
 }
 

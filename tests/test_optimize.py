@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import assets
 import numpy as np
@@ -223,57 +224,83 @@ def test_hqq_quantises_every_matmul_and_the_embedding(name: str, exported, tmp_p
     assert len(greedy(folder)) == 24
 
 
-def matmulnbits_weights(packed: np.ndarray, scales: np.ndarray, k: int, n: int, block: int) -> np.ndarray:
-    """What onnxruntime's MatMulNBits kernel multiplies by: the identity times the weights."""
+def contrib_model(node: Any, inputs: list[Any], initializers: dict[str, np.ndarray]) -> ort.InferenceSession:
     from onnx import TensorProto, helper, numpy_helper
 
-    node = helper.make_node(
-        "MatMulNBits", ["a", "b", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=4, block_size=block
-    )
     graph = helper.make_graph(
         [node],
         "g",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [k, k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [k, n])],
-        [numpy_helper.from_array(packed, "b"), numpy_helper.from_array(scales.reshape(-1), "s")],
+        inputs,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(v, k) for k, v in initializers.items()],
     )
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
     )
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"a": np.eye(k, dtype=np.float32)})[0]
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-def test_imatrix_writes_what_matmulnbits_reads_and_rounds_important_weights_closer() -> None:
+def test_imatrix_writes_what_onnxruntime_reads_and_rounds_important_weights_closer() -> None:
+    from onnx import TensorProto, helper
+
     rng = np.random.default_rng(0)
     k, n, block = 80, 24, 32  # 80 = two full blocks and a padded one
     weight = rng.normal(size=(k, n)).astype(np.float32)
+    weight[:, 0] = np.abs(weight[:, 0])  # an all-positive column: zero must stay on the grid
     importance = rng.uniform(0.01, 1.0, size=k) ** 4  # a few channels matter most, as in real models
-    packed, scales = imatrix.quantize_weight(weight, importance, block)
-    assert packed.shape == (n, 3, block // 2) and scales.shape == (n, 3)
-    seen = matmulnbits_weights(packed, scales, k, n, block)
-    q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1)[:, :k].astype(np.float32)
-    mine = ((q - 8) * np.repeat(scales, block, axis=1)[:, :k]).T
-    np.testing.assert_allclose(seen, mine, rtol=1e-6, atol=1e-6)  # the kernel reads our layout
+    packed, scales, zeros = imatrix.quantize_weight(weight, importance, block)
+    assert packed.shape == (n, 3, block // 2) and scales.shape == (n, 3) and zeros.shape == (n, 2)
+    q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1).astype(np.float32)
+    z = np.stack([zeros & 0x0F, zeros >> 4], axis=-1).reshape(n, -1)[:, :3].astype(np.float32)
+    mine = ((q - np.repeat(z, block, axis=1)) * np.repeat(scales, block, axis=1))[:, :k]  # [N, K]
 
-    # Against onnxruntime's round-to-nearest (largest weight at -8): the weighted error is
-    # never larger in any block, and smaller overall.
-    def rtn(w: np.ndarray) -> np.ndarray:
+    # onnxruntime's INT4 MatMul (times the identity) and its block-quantised lookup (the
+    # tied embedding's) both read exactly these weights.
+    matmul = helper.make_node(
+        "MatMulNBits", ["a", "b", "s", "z"], ["y"], domain="com.microsoft", K=k, N=n, bits=4, block_size=block
+    )
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [k, k])
+    session = contrib_model(matmul, [a], {"b": packed, "s": scales.reshape(-1), "z": zeros.reshape(-1)})
+    np.testing.assert_allclose(session.run(None, {"a": np.eye(k, dtype=np.float32)})[0], mine.T, atol=1e-6)
+    lookup = helper.make_node(
+        "GatherBlockQuantized",
+        ["d", "i", "s", "z"],
+        ["y"],
+        domain="com.microsoft",
+        bits=4,
+        block_size=block,
+        gather_axis=0,
+        quantize_axis=1,
+    )
+    ids = helper.make_tensor_value_info("i", TensorProto.INT64, [1, 3])
+    full = k // block  # a lookup table is whole blocks: the two full ones
+    table = {"d": packed[:, :full].reshape(n, -1), "s": scales[:, :full], "z": zeros[:, : full // 2]}
+    session = contrib_model(lookup, [ids], table)
+    picks = np.array([[5, 0, 23]], dtype=np.int64)
+    np.testing.assert_allclose(
+        session.run(None, {"i": picks})[0][0], mine[picks[0], : full * block], atol=1e-6
+    )
+
+    # Against plain asymmetric rounding of each block's [min, max] (zero included): the
+    # importance-weighted error is never larger in any block, and smaller overall.
+    def rounded(w: np.ndarray) -> np.ndarray:
         out = np.empty_like(w)
         for b in range(-(-k // block)):
             cols = w[:, b * block : (b + 1) * block]
-            s = cols[np.arange(n), np.abs(cols).argmax(axis=1)] / -8
-            out[:, b * block : (b + 1) * block] = (np.clip(np.rint(cols / s[:, None]) + 8, 0, 15) - 8) * s[
-                :, None
-            ]
+            low, high = np.minimum(cols.min(axis=1), 0), np.maximum(cols.max(axis=1), 0)
+            s = (high - low) / 15
+            zero = np.clip(np.rint(-low / s), 0, 15)[:, None]
+            out[:, b * block : (b + 1) * block] = (
+                np.clip(np.rint(cols / s[:, None]) + zero, 0, 15) - zero
+            ) * s[:, None]
         return out
 
-    floor = imatrix._FLOOR * importance.mean()
-    err_rtn = (rtn(weight.T) - weight.T) ** 2 * (importance + floor)
-    err_ours = (mine.T - weight.T) ** 2 * (importance + floor)
+    weights = importance + imatrix._FLOOR * importance.mean()
+    err_plain = (rounded(weight.T) - weight.T) ** 2 * weights
+    err_ours = (mine - weight.T) ** 2 * weights
 
     def per_block(e: np.ndarray) -> np.ndarray:
         return np.stack([e[:, b * block : (b + 1) * block].sum(axis=1) for b in range(3)], axis=1)
 
-    assert np.all(per_block(err_ours) <= per_block(err_rtn) * (1 + 1e-5))
-    assert err_ours.sum() < 0.8 * err_rtn.sum()
+    assert np.all(per_block(err_ours) <= per_block(err_plain) * (1 + 1e-5))
+    assert err_ours.sum() < 0.8 * err_plain.sum()

@@ -157,15 +157,3 @@ def test_a_calibrated_build_names_its_calibration_text_and_reuses_its_fp32_expor
     )
     assert answer.stats.generated_tokens == 5 and answer.text
 
-
-def test_a_calibrated_recipe_needs_a_symmetric_target(tmp_path: Path) -> None:
-    import dataclasses
-
-    from edgephi import targets
-    from edgephi.core.errors import ConfigError
-    from edgephi.packager.config import BuildConfig
-
-    asymmetric = dataclasses.replace(targets.get("cpu"), symmetric=False)
-    with pytest.raises(ConfigError, match="symmetric INT4 blocks"):
-        BuildConfig(source="m", output=tmp_path / "m.phi", target=asymmetric, quant="imatrix-b32")
-    BuildConfig(source="m", output=tmp_path / "m.phi", target=targets.get("cpu"), quant="imatrix-b32")
