@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from edgephi.core.errors import BuildError
-from edgephi.core.fsutil import sha256_file
+from edgephi.packager import evaluate
 from edgephi.packager.optimize import decoder_file, save_decoder
 
 CALIBRATION_TEXT = Path(__file__).parent / "calibration" / "mixed-en.txt"
@@ -50,7 +50,7 @@ _PRUNE = "/lm_head/prune/"  # the builder computes logits for the last position 
 class Calibration:
     """What a calibrated build learnt from; the quality card records it."""
 
-    text: str  # file name and sha256 prefix, as evaluation texts are named
+    text: str  # file name and sha256 prefix, as evaluation texts are named (evaluate.text_id)
     tokens: int
     matmuls: int
 
@@ -95,7 +95,7 @@ def quantize(
             # The tied embedding reads the same blocks, so it needs the same zero points.
             lookup.input.append(zero_name)
     save_decoder(model, model_dir, name, workdir)
-    return Calibration(text=f"{text.name}:{sha256_file(text)[:12]}", tokens=len(ids), matmuls=len(pairs))
+    return Calibration(text=evaluate.text_id(text), tokens=len(ids), matmuls=len(pairs))
 
 
 @dataclass(frozen=True)
