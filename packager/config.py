@@ -26,8 +26,8 @@ QUANT_RECIPES: dict[str, tuple[int, str]] = {
     # onnxruntime's HQQ over the builder's FP32 graph (edgephi.packager.hqq): float zero
     # points, so 8 bytes of scale and zero per block instead of the default's 4.
     "hqq-b32": (32, "hqq"),
-    # The builder's INT4 layout, its scales weighted by activations on a shipped text
-    # (edgephi.packager.imatrix).
+    # The default's kernel with integer zero points, each block's range chosen by the
+    # activations it meets on a shipped text (edgephi.packager.imatrix).
     "imatrix-b32": (32, "imatrix"),
 }
 # Recipes edgephi computes itself: the builder exports for them with its default algorithm.

@@ -184,6 +184,8 @@ def _check_vision(config: BuildConfig, source: sources.Source) -> None:
             ("--adapter", bool(config.adapters)),
             ("--eval / --max-ppl-increase", config.measures_quality),
             ("an int8 KV cache target", config.target.kv_cache is KVCache.INT8),
+            # Its calibration feeds token ids; a vision decoder takes embeddings.
+            (f"--quant {config.quant}", config.uses_imatrix),
         )
         if on
     ]

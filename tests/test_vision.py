@@ -223,6 +223,8 @@ def test_vision_builds_refuse_what_they_cannot_do(vision_dir: Path, phi3_dir: Pa
         build_bundle(vision_dir, out, evaluate=True)
     with pytest.raises(BuildError, match="CPU targets"):
         build_bundle(vision_dir, out, target="cuda")
+    with pytest.raises(BuildError, match="--quant imatrix-b32"):
+        build_bundle(vision_dir, out, quant="imatrix-b32")
     with pytest.raises(ConfigError, match="--vision-precision int4 is not one of fp32, int8"):
         build_bundle(vision_dir, out, vision_precision=Precision.INT4)
     with pytest.raises(BuildError, match=r"--vision-precision is for vision models; .* is a text model"):
