@@ -299,7 +299,7 @@ def test_an_int8_vision_bundle_is_smaller_and_answers(
     manifest, size = image_side(out)
     fp32, fp32_size = image_side(vision_bundle)
     assert manifest.model.vision.encoder.precision is Precision.INT8
-    assert fp32.model["vision"]["encoder"]["precision"] == "fp32"
+    assert fp32.model.vision.encoder.precision is Precision.FP32
     # Weights in 8 bits plus one FP32 scale per 32: 36/128 of the bytes; the patch
     # convolution and the position table stay FP32.
     assert size < 0.45 * fp32_size
