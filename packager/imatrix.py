@@ -186,12 +186,14 @@ def channel_importance(fp32: Any, fp32_dir: Path, activations: list[str], ids: l
         options = ort.SessionOptions()
         options.intra_op_num_threads = default_threads()
         session = ort.InferenceSession(str(staged), options, providers=["CPUExecutionProvider"])
-        past = past_inputs(session, fp32_dir)
+        fixed = past_inputs(session, fp32_dir)
+        if "position_ids" in {i.name for i in session.get_inputs()}:
+            fixed["position_ids"] = np.arange(WINDOW, dtype=np.int64)[None, :]
         sums: dict[str, Any] = {}
         count = 0
         for start in range(0, len(ids) - WINDOW + 1, WINDOW):
             window = np.array([ids[start : start + WINDOW]], dtype=np.int64)
-            feeds = {"input_ids": window, "attention_mask": np.ones_like(window), **past}
+            feeds = {"input_ids": window, "attention_mask": np.ones_like(window), **fixed}
             for name, value in zip(activations, session.run(activations, feeds), strict=True):
                 x = value.reshape(-1, value.shape[-1]).astype(np.float64)
                 sums[name] = sums.get(name, 0) + (x * x).sum(axis=0)

@@ -304,3 +304,24 @@ def test_imatrix_writes_what_onnxruntime_reads_and_rounds_important_weights_clos
 
     assert np.all(per_block(err_ours) <= per_block(err_plain) * (1 + 1e-5))
     assert err_ours.sum() < 0.8 * err_plain.sum()
+
+
+@pytest.mark.parametrize("name", ["phi3.5-mini", "qwen2"])  # an untied and a tied embedding
+def test_imatrix_rewrites_every_int4_matmul_and_the_model_still_generates(
+    name: str,
+    exported,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
+    folder = copy(exported(name, Precision.INT4), tmp_path / "m")
+    calibration = imatrix.quantize(folder, exported(name, Precision.FP32), tmp_path / "work")
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    matmuls = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert calibration.matmuls == len(matmuls) > 0
+    assert all(len(n.input) == 4 and n.input[3].endswith("_zero_points") for n in matmuls)
+    lookups = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    if tiny.SPECS[name]["config"].get("tie_word_embeddings", False):
+        assert len(lookups) == 1 and len(lookups[0].input) == 4  # the lm_head's zero points too
+    else:
+        assert all(len(n.input) == 3 for n in lookups)  # its own blocks, left as the builder wrote them
+    assert calibration.tokens >= imatrix.WINDOW
+    assert len(greedy(folder)) == 24
