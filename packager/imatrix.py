@@ -76,7 +76,8 @@ def quantize(
     pairs = _pairs(model, fp32)
     if not pairs:
         raise BuildError("found no INT4 MatMul with an FP32 counterpart to calibrate")
-    ids = token_ids(fp32_dir, text)
+    # The same tokenizer in both folders; og loads the weights to give it, so the INT4 ones.
+    ids = token_ids(model_dir, text)
     if len(ids) < WINDOW:
         raise BuildError(f"the calibration text {text.name} has {len(ids)} tokens, fewer than {WINDOW}")
     progress(f"      imatrix: {len(pairs)} MatMuls, calibrating on {len(ids)} tokens of {text.name}")
@@ -269,8 +270,9 @@ def _search(groups: Any, imp: Any) -> tuple[Any, Any, Any]:
 
 
 def _replace(tensor: Any, values: Any) -> None:
-    from onnx import numpy_helper
+    from onnx import helper, numpy_helper
 
     if tuple(tensor.dims) != values.shape:
         raise BuildError(f"calibration wrote {values.shape} for {tensor.name}, which is {tuple(tensor.dims)}")
-    tensor.CopyFrom(numpy_helper.from_array(values.astype(numpy_helper.to_array(tensor).dtype), tensor.name))
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)  # without decoding the old values
+    tensor.CopyFrom(numpy_helper.from_array(values.astype(dtype), tensor.name))
