@@ -1,6 +1,6 @@
 """``edge-pack``: build .phi bundles on a workstation.
 
-    edge-pack build SOURCE -o model.phi [--target rpi5] [--precision int4] [--version 1.0.0]
+    edge-pack build SOURCE -o model.phi [--target rpi5] [--precision auto] [--version 1.0.0]
     edge-pack inspect model.phi [--json]
     edge-pack verify model.phi [--key publisher.pub]
     edge-pack keygen publisher.key            (writes publisher.key and publisher.key.pub)
@@ -15,6 +15,7 @@ effective settings are printed, the pipeline runs, the result is summarised.
 
 from __future__ import annotations
 
+import enum
 import json
 import sys
 from pathlib import Path
@@ -55,6 +56,16 @@ def _fraction(text: str) -> float:
         raise ConfigError(f"{text!r} is not a fraction like 5% or 0.05") from None
 
 
+class PrecisionChoice(str, enum.Enum):
+    """``--precision``: one of the weight precisions, or ``auto`` (``packager.precision``)."""
+
+    AUTO = "auto"
+    INT4 = "int4"
+    INT8 = "int8"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+
 @app.command()
 def build(
     source: Annotated[str, typer.Argument(help="HF model folder, .gguf file, or hub model id (org/name).")],
@@ -63,8 +74,13 @@ def build(
         str, typer.Option("--target", help="Device profile; see `edge-pack targets`.")
     ] = targets.DEFAULT,
     precision: Annotated[
-        Precision | None, typer.Option("--precision", "-p", help="Weight precision (default: the target's).")
-    ] = None,
+        PrecisionChoice,
+        typer.Option(
+            "--precision",
+            "-p",
+            help="Weight precision; auto chooses for the target and the model, and says why.",
+        ),
+    ] = PrecisionChoice.AUTO,
     version: Annotated[
         str, typer.Option("--version", help="Semantic version of this model build.")
     ] = "0.1.0",
@@ -114,7 +130,7 @@ def build(
         target=targets.get(target),
         version=version,
         name=name,
-        precision=precision,
+        precision=None if precision is PrecisionChoice.AUTO else Precision(precision.value),
         context=context,
         sign_key=sign_key,
         adapters=tuple(adapters.parse(adapter or []).items()),
@@ -346,7 +362,7 @@ def list_targets() -> None:
     """List the device profiles builds can aim at."""
     for t in targets.all_targets():
         print(
-            f"{t.name:<14}{t.execution_provider.value:<6}{t.precision.value:<6}"
+            f"{t.name:<14}{t.execution_provider.value:<6}{t.precision_name:<6}"
             f"ctx {t.context:<6}{t.description}"
         )
 

@@ -36,7 +36,8 @@ OWN_ALGORITHMS = ("hqq", "imatrix")
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """Everything a build needs. ``precision``/``context`` default to the target's."""
+    """Everything a build needs. ``precision``/``context`` default to the target's; a
+    precision neither gives is chosen once the model is known (``chooses_precision``)."""
 
     source: str
     output: Path
@@ -67,7 +68,9 @@ class BuildConfig:
             )
         if self.quant is not None and self.quant not in QUANT_RECIPES:
             raise ConfigError(f"unknown --quant {self.quant!r}; known recipes: {', '.join(QUANT_RECIPES)}")
-        if self.quant is not None and self.effective_precision not in (Precision.INT4, Precision.INT8):
+        if self.chooses_precision:
+            pass  # checked again once packager.precision has chosen (pipeline._source)
+        elif self.quant is not None and self.effective_precision not in (Precision.INT4, Precision.INT8):
             raise ConfigError(
                 f"--quant {self.quant} is an INT4/INT8 recipe, "
                 f"but the precision is {self.effective_precision.value}"
@@ -108,7 +111,8 @@ class BuildConfig:
         if self.context is not None and self.context < 64:
             raise ConfigError(f"context {self.context} is below the useful minimum of 64 tokens")
         if (
-            self.effective_precision is Precision.FP16
+            not self.chooses_precision
+            and self.effective_precision is Precision.FP16
             and self.target.execution_provider is ExecutionProvider.CPU
         ):
             raise ConfigError(
@@ -128,18 +132,34 @@ class BuildConfig:
         return self.target.block_size, self.target.algorithm
 
     @property
+    def chooses_precision(self) -> bool:
+        """``--precision auto`` with nothing pinning one: no ``--precision``, a target profile
+        that says ``auto``, no ``--quant`` (whose recipes are INT4 ones)."""
+        return self.precision is None and self.target.precision is None and self.quant is None
+
+    @property
     def effective_precision(self) -> Precision:
-        return self.precision or self.target.precision
+        if self.chooses_precision:
+            raise AssertionError("the precision is chosen once the model is read (packager.precision)")
+        return self.precision or self.target.precision or Precision.INT4
 
     @property
     def uses_hqq(self) -> bool:
         """HQQ runs on the builder's FP32 graph; only INT4 builds use it."""
-        return self.recipe[1] == "hqq" and self.effective_precision is Precision.INT4
+        return (
+            not self.chooses_precision
+            and self.recipe[1] == "hqq"
+            and self.effective_precision is Precision.INT4
+        )
 
     @property
     def uses_imatrix(self) -> bool:
         """imatrix rewrites an INT4 build's weights from an FP32 export of the same source."""
-        return self.recipe[1] == "imatrix" and self.effective_precision is Precision.INT4
+        return (
+            not self.chooses_precision
+            and self.recipe[1] == "imatrix"
+            and self.effective_precision is Precision.INT4
+        )
 
     @property
     def builder_algorithm(self) -> str:
@@ -166,7 +186,12 @@ class BuildConfig:
             ("name", self.name or "(from the source)"),
             ("version", self.version),
             ("target", f"{self.target.name} ({self.target.execution_provider.value})"),
-            ("precision", self.effective_precision.value),
+            (
+                "precision",
+                "auto: chosen for the target once the model is read"
+                if self.chooses_precision
+                else self.effective_precision.value,
+            ),
             ("image side", f"{self.effective_vision_precision.value} (vision models)"),
             (
                 "quantisation",

@@ -5,7 +5,9 @@ build so far (``Build``, frozen) to the build with its part added, in one work d
 
 1. ``source``    — take the source ``sources.resolve`` classified (HF folder, GGUF file,
    hub id): fetch a hub model's config, or dequantise a GGUF into an F32 Hugging Face
-   folder (``packager.gguf``); stage a Phi-3.5-vision checkpoint's text decoder;
+   folder (``packager.gguf``); stage a Phi-3.5-vision checkpoint's text decoder; choose
+   the precision for the target from the model's shapes where none was given
+   (``packager.precision``, ``--precision auto``);
 2. ``export``    — run onnxruntime-genai's model builder for the target's precision,
    execution provider and quantisation recipe (``packager.builder``); then quantise its
    FP32 graph for the ``hqq-b32`` recipe (``packager.hqq``), or rewrite its INT4 weights
@@ -41,7 +43,18 @@ from typing import Any
 
 from edgephi.core.errors import BuilderFailed, BuildError
 from edgephi.core.fsutil import remove_tree
-from edgephi.packager import adapters, builder, finalize, imatrix, optimize, sources, validate, vision, writer
+from edgephi.packager import (
+    adapters,
+    builder,
+    finalize,
+    imatrix,
+    optimize,
+    precision,
+    sources,
+    validate,
+    vision,
+    writer,
+)
 from edgephi.packager.config import QUANT_RECIPES, BuildConfig
 from edgephi.runtime.bundle import MIN_RUNTIME
 from edgephi.runtime.manifest import Manifest
@@ -257,7 +270,15 @@ def _source(b: Build) -> Build:
 
         hf_config = gguf.to_hf_folder(source.path, workdir / "hf")
         builder_input = str(workdir / "hf")
-    return dataclasses.replace(b, hf_config=hf_config, builder_input=builder_input, multimodal=multimodal)
+    if config.chooses_precision:
+        # Calibration feeds token ids to a CPU graph of the plain decoder.
+        calibrate = not (multimodal or config.adapters)
+        choice = precision.choose(hf_config, config.target, config.effective_context, calibrate=calibrate)
+        b.progress(f"      precision auto: {choice.reason}")
+        config = dataclasses.replace(config, precision=choice.precision, quant=choice.quant)
+    return dataclasses.replace(
+        b, config=config, hf_config=hf_config, builder_input=builder_input, multimodal=multimodal
+    )
 
 
 def _export_headline(b: Build) -> str:
@@ -268,7 +289,7 @@ def _export_headline(b: Build) -> str:
 def _export(b: Build) -> Build:
     config, workdir, progress, onnx_dir = b.config, b.workdir, b.progress, b.onnx_dir
     target = config.target
-    precision = config.effective_precision
+    weights = config.effective_precision
     request = builder.ExportRequest(
         source=b.builder_input,
         source_is_local=b.source.kind != "hf-id",
@@ -276,7 +297,7 @@ def _export(b: Build) -> Build:
         cache_dir=workdir / "builder-cache",
         log_path=workdir / "builder.log",
         # HQQ quantises the builder's FP32 graph itself.
-        precision=Precision.FP32 if config.uses_hqq else precision,
+        precision=Precision.FP32 if config.uses_hqq else weights,
         execution_provider=target.execution_provider,
         block_size=config.recipe[0],
         accuracy_level=target.accuracy_level,
@@ -314,7 +335,7 @@ def _export(b: Build) -> Build:
         progress("      imatrix: exporting FP32 weights of the same source to calibrate on")
         fp32 = _fp32_reference(request, workdir)
         calibration = imatrix.quantize(onnx_dir, fp32.output_dir, workdir / "imatrix", progress=progress)
-    if precision is Precision.INT8 and target.execution_provider is ExecutionProvider.CPU:
+    if weights is Precision.INT8 and target.execution_provider is ExecutionProvider.CPU:
         from edgephi.packager import embedding
 
         saved = embedding.share_int8_embedding(onnx_dir, workdir / "embedding")
@@ -376,7 +397,8 @@ def _finalize(b: Build) -> Build:
         name=config.name or source.default_name,
         version=config.version,
         precision=config.effective_precision.value,
-        target=TargetFacts.from_dict(target.to_dict()),
+        # What was built: a profile that says "auto" records the precision chosen.
+        target=TargetFacts.from_dict({**target.to_dict(), "precision": config.effective_precision.value}),
         files=tuple(files),
         created_at=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         created_by=tool_versions(),

@@ -157,6 +157,7 @@ class TargetFacts(Section):
     kv_cache: KVCache | None = None
     threads: int | None = None
     ram_gb: float | None = None
+    bandwidth_gbs: float | None = None
     context: int | None = None
     model_format: ModelFormat | None = None
     vision_precision: Precision | None = None

@@ -48,6 +48,7 @@ class ModelFormat(str, enum.Enum):
 # The builder's base methods and presets for weight-only quantisation (its ``algo_config``),
 # and ``hqq``: edgephi's pass over the builder's FP32 graph (``edgephi.packager.hqq``).
 ALGORITHMS = ("default", "rtn", "k_quant", "rtn_last", "k_quant_last", "k_quant_mixed", "hqq", "imatrix")
+AUTO = "auto"  # a profile's precision chosen per model (``Target.precision`` None)
 _BLOCK_SIZES = (16, 32, 64, 128, 256)
 # A vision model's image encoder and embedding table (``edgephi.packager.vision``).
 VISION_PRECISIONS = (Precision.FP32, Precision.INT8)
@@ -57,11 +58,15 @@ VISION_PRECISIONS = (Precision.FP32, Precision.INT8)
 class Target:
     """One device class.
 
+    ``precision`` pins the weight precision; ``None`` (``"auto"`` in a profile, as every
+    built-in CPU profile says) lets the packager choose per model from ``ram_gb`` and
+    ``bandwidth_gbs`` (``edgephi.packager.precision``);
     ``os``/``arch`` describe where the bundle runs (``any`` for portable CPU bundles);
     ``block_size``, ``accuracy_level``, ``symmetric`` and ``algorithm`` are the INT4/INT8
     recipe the builder gets; ``kv_cache`` int8 quantises the KV cache (4x smaller than
     fp32, calibrated at build time); ``threads`` 0 means "one per usable core" at run
-    time; ``ram_gb`` is the typical device memory and ``context`` the default context;
+    time; ``ram_gb`` is the typical device memory, ``bandwidth_gbs`` its sustained memory
+    bandwidth (what decode speed is bound by; 0: unknown) and ``context`` the default context;
     ``model_format`` ``ort`` ships the decoder in ORT format with the operator list a
     reduced onnxruntime build needs; ``vision_precision`` is how a vision model's image
     encoder and embedding table are stored (``fp32``, or ``int8``: a quarter of the bytes).
@@ -70,7 +75,7 @@ class Target:
     name: str
     description: str
     execution_provider: ExecutionProvider
-    precision: Precision = Precision.INT4
+    precision: Precision | None = None
     os: str = "any"
     arch: str = "any"
     block_size: int = 32
@@ -80,6 +85,7 @@ class Target:
     kv_cache: KVCache = KVCache.FP32
     threads: int = 0
     ram_gb: float = 0.0
+    bandwidth_gbs: float = 0.0
     context: int = 2048
     model_format: ModelFormat = ModelFormat.ONNX
     vision_precision: Precision = Precision.FP32
@@ -119,6 +125,8 @@ class Target:
                 f"target {self.name}: vision_precision {self.vision_precision.value} is not one of "
                 f"{', '.join(p.value for p in VISION_PRECISIONS)}"
             )
+        if self.ram_gb < 0 or self.bandwidth_gbs < 0:
+            raise ConfigError(f"target {self.name}: ram_gb and bandwidth_gbs must be >= 0 (0 = unknown)")
         if self.threads < 0:
             raise ConfigError(f"target {self.name}: threads must be >= 0 (0 = one per core)")
         if self.context < 64:
@@ -134,8 +142,10 @@ class Target:
         values = dict(data)
         try:
             values["execution_provider"] = ExecutionProvider(values["execution_provider"])
+            if values.get("precision") == AUTO:
+                values["precision"] = None
             for key in ("precision", "vision_precision"):
-                if key in values:
+                if values.get(key) is not None:
                     values[key] = Precision(values[key])
             if "kv_cache" in values:
                 values["kv_cache"] = KVCache(values["kv_cache"])
@@ -154,4 +164,10 @@ class Target:
         for f in fields(self):
             value = getattr(self, f.name)
             out[f.name] = value.value if isinstance(value, enum.Enum) else value
+        if self.precision is None:
+            out["precision"] = AUTO
         return out
+
+    @property
+    def precision_name(self) -> str:
+        return self.precision.value if self.precision else AUTO

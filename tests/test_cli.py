@@ -428,7 +428,7 @@ def test_installed_models_run_list_and_go_by_name(tmp_path: Path) -> None:
 
     listing = edge_run("list").stdout.splitlines()
     assert listing[0].split() == ["NAME", "VERSION", "PRECISION", "TARGET", "SIZE", "INSTALLED"]
-    assert [ln.split()[:3] for ln in listing[1:]] == [["*", "names", "1.0.0"], ["names", "1.1.0", "int4"]]
+    assert [ln.split()[:3] for ln in listing[1:]] == [["*", "names", "1.0.0"], ["names", "1.1.0", "int8"]]
     rows = json.loads(edge_run("list", "--json").stdout)
     assert [(r["version"], r["current"]) for r in rows] == [("1.0.0", True), ("1.1.0", False)]
     assert all(r["size_bytes"] > 1 << 20 for r in rows)

@@ -63,17 +63,17 @@ def family_dir(family: str) -> Path:
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """``bundles(family, target, precision)``: built once per module."""
+    """``bundles(family, target, precision)``: built once per module, INT4 unless asked:
+    what these families get at their real sizes (``--precision auto`` keeps INT8 for
+    models under ~1B on the default target, and every tiny model here is one)."""
     out_dir = tmp_path_factory.mktemp("families")
     built: dict[tuple[str, str, str], Path] = {}
 
-    def get(family: str, target: str = "cpu", precision: Precision | None = None) -> Path:
-        key = (family, target, precision.value if precision else "default")
+    def get(family: str, target: str = "cpu", precision: Precision = Precision.INT4) -> Path:
+        key = (family, target, precision.value)
         if key not in built:
             name = f"{family}-{target}-{key[2]}"
-            kw: dict[str, object] = {"target": target, "name": name.replace(".", "-")}
-            if precision is not None:
-                kw["precision"] = precision
+            kw: dict[str, object] = {"target": target, "name": name.replace(".", "-"), "precision": precision}
             built[key] = build_bundle(family_dir(family), out_dir / f"{name}.phi", **kw)
         return built[key]
 
@@ -173,8 +173,9 @@ def test_family_packs_and_edge_run_matches_og(family: str, bundles, store: Store
     assert result.stdout.decode("utf-8") == answer + "\n"
 
 
-# Where the bundle runs, not how it is built: the fields the build does not read.
-WHERE = ("name", "description", "os", "arch", "threads", "ram_gb")
+# Where the bundle runs, not how it is built: the fields the build does not read once the
+# precision is given (ram_gb and bandwidth_gbs steer --precision auto).
+WHERE = ("name", "description", "os", "arch", "threads", "ram_gb", "bandwidth_gbs")
 
 
 def test_the_rpi5_profile_builds_as_cpu_does() -> None:
@@ -188,7 +189,7 @@ def test_the_rpi5_profile_builds_as_cpu_does() -> None:
 # Phi-3.5 (untied embedding), Qwen3 (tied), Gemma 3 (sliding window)
 @pytest.mark.parametrize("family", ["phi3.5-mini", "qwen3", "gemma3"])
 def test_family_packs_for_rpi5(family: str, bundles) -> None:  # type: ignore[no-untyped-def]
-    """The rpi5 profile's defaults build the very model files edge-run was checked on above.
+    """At the same precision the rpi5 profile builds the very files edge-run was checked on above.
 
     (This x86 host refuses to run an aarch64 bundle; tests/test_emulated_pi.py runs a
     bundle of these files on an emulated Pi.)

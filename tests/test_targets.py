@@ -41,7 +41,7 @@ def test_user_profile_file_adds_a_target(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("EDGEPHI_TARGETS", str(folder))
     registry.reset()
     t = targets.get("orin-cpu")
-    assert t.threads == 6 and t.precision is Precision.INT4
+    assert t.threads == 6 and t.precision is None  # auto: chosen per model
 
 
 def test_bad_user_profile_is_reported_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
