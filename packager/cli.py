@@ -361,9 +361,11 @@ def rotate_key(
 def list_targets() -> None:
     """List the device profiles builds can aim at."""
     for t in targets.all_targets():
+        # What --precision auto chooses by: the device's memory and bandwidth.
+        device = f"{t.ram_gb:g} GB {t.bandwidth_gbs:g} GB/s" if t.ram_gb and t.bandwidth_gbs else "-"
         print(
             f"{t.name:<14}{t.execution_provider.value:<6}{t.precision_name:<6}"
-            f"ctx {t.context:<6}{t.description}"
+            f"ctx {t.context:<6}{device:<16}{t.description}"
         )
 
 

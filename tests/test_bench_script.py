@@ -230,3 +230,17 @@ def test_benchmark_sections_survive_a_rewrite_of_the_page() -> None:
     assert rewritten.startswith("# Benchmarks\n\nnew table\n") and "## Conversations\nv2\n" in rewritten
     assert "old table" not in rewritten
     assert docsection.keep(rewritten, rewritten) == rewritten
+
+
+def test_the_full_size_stand_in_has_phi35_minis_shape() -> None:
+    import bench_fullsize
+    from edgephi.packager import precision
+
+    config = bench_fullsize.CONFIG
+    shapes = precision.Shapes.from_config(config)
+    embedding = config["vocab_size"] * config["hidden_size"]
+    # Phi-3.5-mini-instruct: 3.82B parameters (all but the norms are MatMuls or the embedding).
+    assert (shapes.matmul_weights + embedding) / 1e9 == pytest.approx(3.82, abs=0.005)
+    # A longrope factor per rotary frequency of the 96-wide heads.
+    half = config["hidden_size"] // config["num_attention_heads"] // 2
+    assert len(config["rope_scaling"]["long_factor"]) == len(config["rope_scaling"]["short_factor"]) == half

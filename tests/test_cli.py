@@ -36,6 +36,10 @@ def test_targets_command_lists_profiles() -> None:
     result = CliRunner().invoke(pack_app, ["targets"])
     assert result.exit_code == 0
     assert "rpi5" in result.stdout and "android-arm64" in result.stdout
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()}
+    # The precision each profile packs at (auto: chosen per model) and what auto chooses by.
+    assert rows["rpi5"][:8] == ["rpi5", "cpu", "auto", "ctx", "2048", "8", "GB", "10"]
+    assert rows["cuda"][:6] == ["cuda", "cuda", "int4", "ctx", "4096", "-"]
 
 
 def test_inspect_shows_the_bundle(phi3_bundle: Path) -> None:

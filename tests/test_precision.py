@@ -67,7 +67,7 @@ def choose(config: dict[str, Any], target: str | Target, **kw: Any) -> precision
 def test_a_135m_model_packs_at_int8_on_every_cpu_target(target: str) -> None:
     choice = choose(SMOLLM2_135M, target)
     assert (choice.precision, choice.quant) == (Precision.INT8, None)
-    assert choice.reason.startswith("int8 (+0.7% perplexity on SmolLM2), the best that fits")
+    assert choice.reason.startswith("int8 (+0.6% perplexity on SmolLM2), the best that fits")
 
 
 @pytest.mark.parametrize("target", ["rpi4", "rpi5"])
@@ -175,7 +175,7 @@ def test_a_build_says_what_auto_chose(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "precision       auto: chosen for the target once the model is read" in result.output
-    assert "precision auto: int8 (+0.7% perplexity on SmolLM2), the best that fits rpi5" in result.output
+    assert "precision auto: int8 (+0.6% perplexity on SmolLM2), the best that fits rpi5" in result.output
     assert "[2/5] exporting int8 for cpu" in result.output
     manifest = json.loads(zipfile.ZipFile(out).read("manifest.json"))
     # The manifest records what was built, not "auto".
