@@ -35,6 +35,7 @@ import functools
 import importlib.util
 import os
 import re
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -219,6 +220,14 @@ def _run_logged(argv: list[str], log_path: Path, offline: bool, what: str) -> No
         log.write(" ".join(argv) + "\n")
         log.flush()
         proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
+    if proc.returncode == -signal.SIGKILL:
+        # No exception in the log: the kernel's OOM killer (or a user) ended it mid-step.
+        raise BuilderFailed(
+            f"{what} was killed (SIGKILL) at: {last_error_line(log_path)}",
+            log=str(log_path),
+            hint="most often the machine ran out of memory: the builder holds the whole model in FP32 "
+            "(a 3.8B model needed more than 17 GiB); free memory or build on a larger machine",
+        )
     if proc.returncode != 0:
         line = last_error_line(log_path)
         raise BuilderFailed(f"{what} failed: {line}", log=str(log_path), hint=_hint(line))

@@ -173,15 +173,19 @@ sys.exit(code)
 
 
 def timed_build(folder: Path, out: Path, *args: str) -> dict[str, float]:
-    """``edge-pack build`` in a child: wall time, and the peak RSS of its largest process."""
+    """``edge-pack build`` in a child: wall time, and the peak RSS of its largest process
+    (kept beside the bundle, for a later run that reuses it)."""
+    record = out.with_suffix(".build.json")
     if out.exists():
-        return {}
+        return json.loads(record.read_text()) if record.exists() else {}
     exe = str(Path(sys.executable).with_name("edge-pack"))
     peak = out.with_name(out.name + ".peak")
     start = time.perf_counter()
     build = [exe, "build", str(folder), "-o", str(out), "--target", "cpu", *args]
     subprocess.run([sys.executable, "-c", WATCH, str(peak), *build], check=True)
-    return {"build_s": time.perf_counter() - start, "build_peak_rss": float(peak.read_text())}
+    result = {"build_s": time.perf_counter() - start, "build_peak_rss": float(peak.read_text())}
+    record.write_text(json.dumps(result))
+    return result
 
 
 def main() -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
-from edgephi.core.errors import BuildError
+from edgephi.core.errors import BuilderFailed, BuildError
 from edgephi.packager import builder
 from edgephi.targets import ExecutionProvider, Precision
 
@@ -62,3 +63,13 @@ def test_gate_and_up_are_fused_unless_lora_projections_must_stay_apart() -> None
     assert "fuse_mlp_gate_up" not in request(adapter_path=Path("/a")).extra_options()
     excluded = ("/model/layers.0/mlp/gate_proj/MatMul",)
     assert "fuse_mlp_gate_up" not in request(exclude_nodes=excluded).extra_options()
+
+
+def test_a_builder_killed_mid_step_is_reported_as_killed(tmp_path: Path) -> None:
+    # What the kernel's OOM killer does to a builder holding a 3.8B model in FP32: no
+    # exception in the log, only its last progress line.
+    kill = "import os, signal; print('Saving ONNX model', flush=True); os.kill(os.getpid(), signal.SIGKILL)"
+    with pytest.raises(BuilderFailed) as info:
+        builder._run_logged([sys.executable, "-c", kill], tmp_path / "b.log", True, "the model builder")
+    assert str(info.value) == "the model builder was killed (SIGKILL) at: Saving ONNX model"
+    assert "ran out of memory" in (info.value.hint or "") and info.value.log == str(tmp_path / "b.log")
