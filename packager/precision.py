@@ -18,9 +18,8 @@ builder's round-to-nearest INT4 loses +34%). The last rung is taken when nothing
 qualifies, saying so when it misses too: no smaller recipe answers better, and the device's
 planner shortens the context to what fits. FP32 is not a rung: INT8 is within 1% of its
 perplexity at a quarter of the bytes. Where calibration cannot run (switchable adapters, a
-vision model's embeddings input, a GPU target, whose graph this CPU host cannot run), the
-last rung is the target's own INT4 recipe; GPU targets get it directly, since nothing
-here measures GPU kernels.
+vision model's embeddings input), the last rung is the target's own INT4 recipe; GPU
+targets get that recipe directly, since nothing here measures GPU kernels.
 """
 
 from __future__ import annotations
@@ -97,9 +96,14 @@ class Shapes:
                 positions=positions,
                 rope_positions=rope,
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except KeyError as exc:
             raise BuildError(
                 f"--precision auto cannot size this model: its config lacks {exc}",
+                hint="choose one with --precision int4 or int8",
+            ) from None
+        except (TypeError, ValueError) as exc:
+            raise BuildError(
+                f"--precision auto cannot size this model: a shape in its config is not a number ({exc})",
                 hint="choose one with --precision int4 or int8",
             ) from None
 
