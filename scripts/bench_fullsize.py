@@ -39,17 +39,15 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import assets
 import bench_vs_llamacpp as bench
 
 ROOT = bench.ROOT
 CACHE = bench.CACHE / "fullsize"
 LLAMA_TYPES = ("Q4_0", "Q4_K_M")
 
-# Every third of Phi-3.5-mini-instruct's 48 longrope factors (tests/tiny.py keeps the same
-# ones), each repeated for the full head: rope factors change no kernel's speed.
-_LONG = [1.08, 1.34, 1.62, 3.23, 7.7, 17.67, 30.42, 32.93, 50.34, 57.93, 62.61, 63.14]
-_LONG += [63.93, 64.03, 64.12, 64.51]
-_SHORT = [1.0, 1.03, 1.05, 1.05, 1.1, 1.16, 1.18, 1.34, 1.48, 1.65, 1.78, 1.92, 2.02, 2.05, 2.12, 2.17]
+# Every third of Phi-3.5-mini-instruct's 48 longrope factors (as tests/tiny.py keeps them),
+# each repeated for the full head: rope factors change no kernel's speed.
 CONFIG: dict[str, Any] = {
     "architectures": ["Phi3ForCausalLM"],
     "model_type": "phi3",
@@ -62,8 +60,8 @@ CONFIG: dict[str, Any] = {
     "original_max_position_embeddings": 4096,
     "rope_scaling": {
         "type": "longrope",
-        "long_factor": [f for f in _LONG for _ in range(3)],
-        "short_factor": [f for f in _SHORT for _ in range(3)],
+        "long_factor": [f for f in assets.PHI35_LONG_FACTORS for _ in range(3)],
+        "short_factor": [f for f in assets.PHI35_SHORT_FACTORS for _ in range(3)],
     },
     "rope_theta": 10000.0,
     "rms_norm_eps": 1e-05,
@@ -104,7 +102,6 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def checkpoint(out: Path) -> Path:
     """The random BF16 checkpoint with Phi-3's real tokenizer (from its vocab-only GGUF)."""
-    import assets
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -127,7 +124,6 @@ def checkpoint(out: Path) -> Path:
 
 def llama_source() -> Path:
     """llama.cpp's converter and gguf-py from the llama-cpp-python sdist, unpacked once."""
-    import assets
 
     out = CACHE / "llama.cpp"
     if not (out / "convert_hf_to_gguf.py").is_file():
@@ -145,7 +141,6 @@ def llama_source() -> Path:
 
 
 def f16_gguf(folder: Path, out: Path) -> tuple[Path, float]:
-    import assets
 
     if out.exists():
         return out, 0.0

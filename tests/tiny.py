@@ -18,27 +18,9 @@ from typing import Any
 
 import assets
 
-# Phi-3.5-mini-instruct's longrope factors (48 per list for head_dim 96), every third kept
-# for the scaled head_dim 32.
-_LONG = [
-    1.08,
-    1.34,
-    1.62,
-    3.23,
-    7.7,
-    17.67,
-    30.42,
-    32.93,
-    50.34,
-    57.93,
-    62.61,
-    63.14,
-    63.93,
-    64.03,
-    64.12,
-    64.51,
-]
-_SHORT = [1.0, 1.03, 1.05, 1.05, 1.1, 1.16, 1.18, 1.34, 1.48, 1.65, 1.78, 1.92, 2.02, 2.05, 2.12, 2.17]
+# Phi-3.5-mini-instruct's longrope factors, every third kept for the scaled head_dim 32.
+_LONG = assets.PHI35_LONG_FACTORS
+_SHORT = assets.PHI35_SHORT_FACTORS
 
 SPECS: dict[str, dict[str, Any]] = {
     "phi3.5-mini": {
