@@ -68,9 +68,7 @@ class BuildConfig:
             )
         if self.quant is not None and self.quant not in QUANT_RECIPES:
             raise ConfigError(f"unknown --quant {self.quant!r}; known recipes: {', '.join(QUANT_RECIPES)}")
-        if self.chooses_precision:
-            pass  # checked again once packager.precision has chosen (pipeline._source)
-        elif self.quant is not None and self.effective_precision not in (Precision.INT4, Precision.INT8):
+        if self.quant is not None and self.effective_precision not in (Precision.INT4, Precision.INT8):
             raise ConfigError(
                 f"--quant {self.quant} is an INT4/INT8 recipe, "
                 f"but the precision is {self.effective_precision.value}"
