@@ -3,7 +3,8 @@
 Where it sits: the packager's own graph writers build with one ``Graph`` — the vision
 encoder and embedding models (``packager.vision``), HQQ's INT4 embedding lookup
 (``packager.hqq``) and the INT8 lookup into a tied lm_head (``packager.embedding``). The
-builder's decoder is edited by ``splice``, never rebuilt.
+builder's decoder is edited by ``splice``, never rebuilt. ``int8_blocks`` is the 8-bit block
+layout those writers and ``packager.imatrix``'s INT8 MatMuls share.
 """
 
 from __future__ import annotations
@@ -59,3 +60,19 @@ class Graph:
         for offset, node in enumerate(self.nodes):
             model.graph.node.insert(index + offset, node)
         model.graph.initializer.extend(self.inits)
+
+
+def int8_blocks(matrix: Any, block_size: int) -> tuple[Any, Any]:
+    """``[rows, cols]`` → 8-bit blocks ``[rows, cols / block, block]`` (zero point 128) and scales.
+
+    The layout ``MatMulNBits`` and ``GatherBlockQuantized`` read with ``bits=8`` and no
+    zero-point input; symmetric, so a block's largest magnitude maps to ±127.
+    """
+    import numpy as np
+
+    rows, cols = matrix.shape
+    blocks = np.asarray(matrix, dtype=np.float32).reshape(rows, cols // block_size, block_size)
+    scales = np.abs(blocks).max(axis=-1) / 127.0
+    scales[scales == 0] = 1.0  # an all-zero block: any scale reproduces it
+    q = np.clip(np.rint(blocks / scales[..., None]), -127, 127) + 128
+    return q.astype(np.uint8), scales.astype(np.float32)

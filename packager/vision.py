@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from edgephi.core.errors import BuildError, NotAModel
-from edgephi.packager.graph import Graph
+from edgephi.packager.graph import Graph, int8_blocks
 
 ARCHITECTURE = "Phi3VForCausalLM"
 PREFIX = "model.vision_embed_tokens."
@@ -226,22 +226,6 @@ def spec_from(config: dict[str, Any], weights: dict[str, Any]) -> VisionSpec:
 
 
 # --- ONNX ------------------------------------------------------------------------------------
-
-
-def int8_blocks(matrix: Any, block_size: int) -> tuple[Any, Any]:
-    """``[rows, cols]`` → 8-bit blocks ``[rows, cols / block, block]`` (zero point 128) and scales.
-
-    The layout ``MatMulNBits`` and ``GatherBlockQuantized`` read with ``bits=8`` and no
-    zero-point input; symmetric, so a block's largest magnitude maps to ±127.
-    """
-    import numpy as np
-
-    rows, cols = matrix.shape
-    blocks = np.asarray(matrix, dtype=np.float32).reshape(rows, cols // block_size, block_size)
-    scales = np.abs(blocks).max(axis=-1) / 127.0
-    scales[scales == 0] = 1.0  # an all-zero block: any scale reproduces it
-    q = np.clip(np.rint(blocks / scales[..., None]), -127, 127) + 128
-    return q.astype(np.uint8), scales.astype(np.float32)
 
 
 class _Graph(Graph):
