@@ -97,7 +97,10 @@ def build(
         typer.Option("--adapter", help="A PEFT LoRA adapter to ship, NAME=PATH or PATH (repeatable)."),
     ] = None,
     quant: Annotated[
-        str | None, typer.Option("--quant", help="Weight recipe, e.g. hqq-b32, rtn-b128, kquant-mixed-b32.")
+        str | None,
+        typer.Option(
+            "--quant", help="Weight recipe, e.g. imatrix-b32, imatrix-mix-s-b32, hqq-b32, rtn-b128."
+        ),
     ] = None,
     model_format: Annotated[
         ModelFormat | None,

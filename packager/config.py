@@ -11,24 +11,41 @@ from edgephi.runtime.manifest import is_valid_name, is_valid_version
 from edgephi.targets import ExecutionProvider, ModelFormat, Precision, Target
 from edgephi.targets.profile import VISION_PRECISIONS
 
-# Named weight-quantisation recipes: (block size, algorithm: the builder's, or edgephi's hqq).
-QUANT_RECIPES: dict[str, tuple[int, str]] = {
-    "default-b32": (32, "default"),  # the CPU targets' recipe
-    "rtn-b16": (16, "rtn"),
-    "rtn-b32": (32, "rtn"),
-    "rtn-b64": (64, "rtn"),
-    "rtn-b128": (128, "rtn"),
-    "rtn-b256": (256, "rtn"),
-    "kquant-b32": (32, "k_quant"),
-    "kquant-mixed-b32": (32, "k_quant_mixed"),
+
+@dataclass(frozen=True)
+class Recipe:
+    """One named weight-quantisation recipe: the builder's block size and algorithm (or
+    edgephi's own, ``OWN_ALGORITHMS``), and for ``imatrix`` the share of the INT4 weights'
+    bytes that may go to keeping the most sensitive MatMuls in INT8."""
+
+    block_size: int
+    algorithm: str
+    int8_budget: float = 0.0
+
+
+QUANT_RECIPES: dict[str, Recipe] = {
+    "default-b32": Recipe(32, "default"),  # the CPU targets' recipe
+    "rtn-b16": Recipe(16, "rtn"),
+    "rtn-b32": Recipe(32, "rtn"),
+    "rtn-b64": Recipe(64, "rtn"),
+    "rtn-b128": Recipe(128, "rtn"),
+    "rtn-b256": Recipe(256, "rtn"),
+    "kquant-b32": Recipe(32, "k_quant"),
+    "kquant-mixed-b32": Recipe(32, "k_quant_mixed"),
     # k-quant with the lm_head in INT8, as llama.cpp's Q4_0 keeps its output matrix in Q8_0.
-    "kquant-last-b32": (32, "k_quant_last"),
+    "kquant-last-b32": Recipe(32, "k_quant_last"),
     # onnxruntime's HQQ over the builder's FP32 graph (edgephi.packager.hqq): float zero
     # points, so 8 bytes of scale and zero per block instead of the default's 4.
-    "hqq-b32": (32, "hqq"),
+    "hqq-b32": Recipe(32, "hqq"),
     # The default's kernel with integer zero points, each block's range chosen by the
     # activations it meets on a shipped text (edgephi.packager.imatrix).
-    "imatrix-b32": (32, "imatrix"),
+    "imatrix-b32": Recipe(32, "imatrix"),
+    # imatrix with the MatMuls whose INT4 rounding moves the next-token distribution most per
+    # byte (KL, measured one MatMul at a time on the calibration text) kept in INT8, within a
+    # share of the INT4 weights' bytes. Sized on SmolLM2 to sit under llama.cpp's Q4_0 (-s:
+    # 87.3 against 87.5 MiB) and Q4_K_M (-m: 100.1 against 100.6 MiB); docs/quantization.md.
+    "imatrix-mix-s-b32": Recipe(32, "imatrix", int8_budget=0.035),
+    "imatrix-mix-m-b32": Recipe(32, "imatrix", int8_budget=0.19),
 }
 # Recipes edgephi computes itself: the builder exports for them with its default algorithm.
 OWN_ALGORITHMS = ("hqq", "imatrix")
@@ -75,14 +92,15 @@ class BuildConfig:
             )
         if (
             self.quant is not None
-            and self.recipe[1] in OWN_ALGORITHMS
+            and self.recipe.algorithm in OWN_ALGORITHMS
             and self.effective_precision is not Precision.INT4
         ):
             raise ConfigError(f"--quant {self.quant} is an INT4 recipe, but the precision is int8")
         if (self.uses_hqq or self.uses_imatrix) and self.adapters:
             raise ConfigError(
                 "switchable LoRA adapters are built with the builder's own quantisation; "
-                f"choose a --quant that is not {self.quant or self.recipe[1]}, or build without --adapter"
+                f"choose a --quant that is not {self.quant or self.recipe.algorithm}, "
+                "or build without --adapter"
             )
         if self.effective_model_format is ModelFormat.ORT:
             if self.target.execution_provider is not ExecutionProvider.CPU:
@@ -123,11 +141,11 @@ class BuildConfig:
         return self.evaluate or self.max_ppl_increase is not None
 
     @property
-    def recipe(self) -> tuple[int, str]:
-        """(block size, algorithm) for the builder: ``quant`` if given, else the target's."""
+    def recipe(self) -> Recipe:
+        """``quant`` if given, else the target's block size and algorithm."""
         if self.quant is not None:
             return QUANT_RECIPES[self.quant]
-        return self.target.block_size, self.target.algorithm
+        return Recipe(self.target.block_size, self.target.algorithm)
 
     @property
     def chooses_precision(self) -> bool:
@@ -146,7 +164,7 @@ class BuildConfig:
         """HQQ runs on the builder's FP32 graph; only INT4 builds use it."""
         return (
             not self.chooses_precision
-            and self.recipe[1] == "hqq"
+            and self.recipe.algorithm == "hqq"
             and self.effective_precision is Precision.INT4
         )
 
@@ -155,14 +173,14 @@ class BuildConfig:
         """imatrix rewrites an INT4 build's weights from an FP32 export of the same source."""
         return (
             not self.chooses_precision
-            and self.recipe[1] == "imatrix"
+            and self.recipe.algorithm == "imatrix"
             and self.effective_precision is Precision.INT4
         )
 
     @property
     def builder_algorithm(self) -> str:
         """The algorithm the builder is asked for: its default where edgephi quantises itself."""
-        return "default" if self.recipe[1] in OWN_ALGORITHMS else self.recipe[1]
+        return "default" if self.recipe.algorithm in OWN_ALGORITHMS else self.recipe.algorithm
 
     @property
     def effective_model_format(self) -> ModelFormat:
@@ -193,9 +211,14 @@ class BuildConfig:
             ("image side", f"{self.effective_vision_precision.value} (vision models)"),
             (
                 "quantisation",
-                f"{self.quant or 'target default'}: block {self.recipe[0]}, {self.recipe[1]}, "
+                f"{self.quant or 'target default'}: block {self.recipe.block_size}, {self.recipe.algorithm}, "
                 f"accuracy level {self.target.accuracy_level}, "
-                f"{'symmetric' if self.target.symmetric and not self.uses_imatrix else 'asymmetric'}",
+                f"{'symmetric' if self.target.symmetric and not self.uses_imatrix else 'asymmetric'}"
+                + (
+                    f", the most sensitive MatMuls in INT8 within +{self.recipe.int8_budget:.1%} bytes"
+                    if self.recipe.int8_budget
+                    else ""
+                ),
             ),
             ("format", self.effective_model_format.value),
             ("default context", f"{self.effective_context} tokens"),

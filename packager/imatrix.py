@@ -34,6 +34,7 @@ from typing import Any
 
 from edgephi.core.errors import BuildError
 from edgephi.packager import evaluate
+from edgephi.packager.graph import int8_blocks
 from edgephi.packager.optimize import decoder_file, save_decoder
 
 CALIBRATION_TEXT = Path(__file__).parent / "calibration" / "mixed-en.txt"
@@ -54,9 +55,13 @@ class Calibration:
     text: str  # file name and sha256 prefix, as evaluation texts are named (evaluate.text_id)
     tokens: int
     matmuls: int
+    int8: tuple[str, ...] = ()  # the MatMuls written in INT8 by sensitivity (mixed recipes)
 
     def card(self) -> dict[str, Any]:
-        return {"calibration": self.text, "calibration_tokens": self.tokens}
+        card: dict[str, Any] = {"calibration": self.text, "calibration_tokens": self.tokens}
+        if self.int8:
+            card["int8_matmuls"] = len(self.int8)
+        return card
 
 
 def quantize(
@@ -65,8 +70,14 @@ def quantize(
     workdir: Path,
     text: Path = CALIBRATION_TEXT,
     progress: Callable[[str], None] = lambda _msg: None,
+    int8_budget: float = 0.0,
 ) -> Calibration:
-    """Rewrite ``model_dir``'s INT4 MatMul weights from ``fp32_dir``'s, importance-weighted."""
+    """Rewrite ``model_dir``'s INT4 MatMul weights from ``fp32_dir``'s, importance-weighted.
+
+    With ``int8_budget`` (a fraction of the INT4 MatMul bytes), the MatMuls whose INT4
+    rounding alone moves the model's next-token distribution most per byte are written in
+    INT8 instead, as long as the extra bytes stay within the budget (``sensitivity``).
+    """
     import onnx
 
     name = decoder_file(model_dir)
@@ -85,19 +96,40 @@ def quantize(
     inits = {t.name: t for t in model.graph.initializer}
     fp32_inits = {t.name: t for t in fp32.graph.initializer}
     nodes = {node.name: node for node in model.graph.node}
-    for pair in pairs:
-        weight = onnx.numpy_helper.to_array(fp32_inits[pair.fp32_weight], str(fp32_dir))  # [K, N]
-        packed, scales, zeros = quantize_weight(weight, importance[pair.activation], pair.block_size)
-        _replace(inits[pair.packed], packed)
-        _replace(inits[pair.scales], scales.reshape(tuple(inits[pair.scales].dims)))
-        zero_name = pair.fp32_weight + "_zero_points"
-        model.graph.initializer.append(onnx.numpy_helper.from_array(zeros, zero_name))
-        nodes[pair.node].input.append(zero_name)
-        for lookup in _lookups(model, pair):
-            # The tied embedding reads the same blocks, so it needs the same zero points.
-            lookup.input.append(zero_name)
+    probe = _Probe(fp32, fp32_dir, pairs, ids[:WINDOW]) if int8_budget > 0 else None
+    kl: dict[str, float] = {}
+    try:
+        for pair in pairs:
+            weight = onnx.numpy_helper.to_array(fp32_inits[pair.fp32_weight], str(fp32_dir))  # [K, N]
+            q, scales, zeros = quantize_blocks(weight, importance[pair.activation], pair.block_size)
+            _replace(inits[pair.packed], _nibbles(q))
+            _replace(inits[pair.scales], scales.reshape(tuple(inits[pair.scales].dims)))
+            zero_name = pair.fp32_weight + "_zero_points"
+            model.graph.initializer.append(onnx.numpy_helper.from_array(_nibbles(zeros), zero_name))
+            nodes[pair.node].input.append(zero_name)
+            for lookup in _lookups(model, pair):
+                # The tied embedding reads the same blocks, so it needs the same zero points.
+                if len(lookup.input) == 3:
+                    lookup.input.append(zero_name)
+            if probe is not None:
+                kl[pair.node] = probe.kl(pair, dequantize(q, scales, zeros, weight.shape))
+    finally:
+        if probe is not None:
+            probe.close()
+    int8: tuple[str, ...] = ()
+    if probe is not None:
+        budget = int8_budget * sum(p.bytes(BITS) for p in pairs)
+        chosen = choose_int8(pairs, kl, budget)
+        for pair in chosen:
+            weight = onnx.numpy_helper.to_array(fp32_inits[pair.fp32_weight], str(fp32_dir))
+            _to_int8(model, pair, weight)
+        int8 = tuple(p.node for p in chosen)
+        progress(
+            f"      imatrix: {len(int8)} of {len(pairs)} MatMuls in INT8, the most sensitive per byte "
+            f"within +{int8_budget:.0%} of the INT4 weights' bytes"
+        )
     save_decoder(model, model_dir, name, workdir)
-    return Calibration(text=evaluate.text_id(text), tokens=len(ids), matmuls=len(pairs))
+    return Calibration(text=evaluate.text_id(text), tokens=len(ids), matmuls=len(pairs), int8=int8)
 
 
 @dataclass(frozen=True)
@@ -110,6 +142,18 @@ class _Pair:
     fp32_weight: str
     activation: str  # a tensor of the FP32 graph with every position (not the pruned lm_head's)
     block_size: int
+    k: int
+    n: int
+
+    @property
+    def is_lm_head(self) -> bool:
+        return "/lm_head/" in self.node
+
+    def bytes(self, bits: int) -> int:
+        """Weights, FP32 scales and (INT4 only: edgephi's) zero points, as MatMulNBits stores them."""
+        blocks = -(-self.k // self.block_size)
+        zeros = -(-blocks // 2) if bits == BITS else 0
+        return self.n * (blocks * self.block_size * bits // 8 + blocks * 4 + zeros)
 
 
 def _attr(node: Any, key: str) -> int:
@@ -141,6 +185,8 @@ def _pairs(model: Any, fp32: Any) -> list[_Pair]:
                 fp32_weight=source.input[1],
                 activation=activation,
                 block_size=_attr(node, "block_size"),
+                k=_attr(node, "K"),
+                n=_attr(node, "N"),
             )
         )
     return pairs
@@ -155,8 +201,117 @@ def _lookups(model: Any, pair: _Pair) -> list[Any]:
         if n.op_type == "GatherBlockQuantized"
         and (n.input[0] == pair.packed or n.input[0] in reshaped)
         and n.input[2] == pair.scales
-        and len(n.input) == 3
     ]
+
+
+def choose_int8(pairs: list[_Pair], kl: dict[str, float], budget: float) -> list[_Pair]:
+    """The MatMuls to write in INT8: most KL saved per extra byte first, within ``budget``
+    bytes (greedy; INT8's own rounding counts as none of a MatMul's INT4 loss)."""
+    chosen = []
+    spent = 0
+    for pair in sorted(pairs, key=lambda p: kl[p.node] / (p.bytes(8) - p.bytes(BITS)), reverse=True):
+        extra = pair.bytes(8) - pair.bytes(BITS)
+        if spent + extra <= budget:
+            chosen.append(pair)
+            spent += extra
+    return chosen
+
+
+class _Probe:
+    """The FP32 model with every calibrated weight overridable (an initializer that is also
+    a graph input): how far one MatMul's INT4 weights alone move the next-token
+    distribution, as mean KL over one window of the calibration text.
+
+    Logits are the final hidden states (every position; the export's lm_head is pruned to
+    the last) times the lm_head weight, FP32 or the probed one: a logit soft-cap or scale
+    after the lm_head is left out, which moves every measurement alike.
+    """
+
+    def __init__(self, fp32: Any, fp32_dir: Path, pairs: list[_Pair], ids: list[int]) -> None:
+        import numpy as np
+        import onnx
+        import onnxruntime as ort
+        from edgephi.runtime.genai import default_threads
+
+        lm_head = next((p for p in pairs if p.is_lm_head), None)
+        if lm_head is None:
+            raise BuildError("mixed INT8/INT4 needs the lm_head among the INT4 MatMuls; use imatrix-b32")
+        graph = onnx.ModelProto()
+        graph.CopyFrom(fp32)
+        del graph.graph.output[:]
+        graph.graph.output.append(onnx.helper.make_empty_tensor_value_info(lm_head.activation))
+        for pair in pairs:
+            graph.graph.input.append(
+                onnx.helper.make_tensor_value_info(pair.fp32_weight, onnx.TensorProto.FLOAT, [pair.k, pair.n])
+            )
+        self._staged = fp32_dir / "imatrix-sensitivity.onnx"
+        onnx.save(graph, str(self._staged))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = default_threads()
+        options.log_severity_level = 3  # overriding initializers is the point, not a warning
+        self._session = ort.InferenceSession(str(self._staged), options, providers=["CPUExecutionProvider"])
+        window = np.array([ids], dtype=np.int64)
+        self._feeds = {"input_ids": window, "attention_mask": np.ones_like(window)}
+        self._feeds.update(past_inputs(self._session, fp32_dir))
+        if "position_ids" in {i.name for i in self._session.get_inputs()}:
+            self._feeds["position_ids"] = np.arange(len(ids), dtype=np.int64)[None, :]
+        inits = {t.name: t for t in fp32.graph.initializer}
+        self._lm_head = lm_head.node
+        self._lm_weight = onnx.numpy_helper.to_array(inits[lm_head.fp32_weight], str(fp32_dir))
+        self._reference = _log_softmax(self._hidden({}) @ self._lm_weight)
+
+    def _hidden(self, override: dict[str, Any]) -> Any:
+        (hidden,) = self._session.run(None, {**self._feeds, **override})
+        return hidden.reshape(-1, hidden.shape[-1])
+
+    def kl(self, pair: _Pair, weight: Any) -> float:
+        """Mean KL(FP32 ‖ FP32 with ``pair``'s weight replaced by ``weight``) per position."""
+        import numpy as np
+
+        hidden = self._hidden({pair.fp32_weight: np.ascontiguousarray(weight, dtype=np.float32)})
+        logp = _log_softmax(hidden @ (weight if pair.node == self._lm_head else self._lm_weight))
+        return float((np.exp(self._reference) * (self._reference - logp)).sum(axis=1).mean())
+
+    def close(self) -> None:
+        del self._session
+        self._staged.unlink(missing_ok=True)
+
+
+def _log_softmax(logits: Any) -> Any:
+    import numpy as np
+
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def _to_int8(model: Any, pair: _Pair, weight: Any) -> None:
+    """Rewrite ``pair``'s INT4 MatMul (and a lookup of its blocks) as symmetric 8-bit blocks."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.name == pair.node)
+    blocks = -(-pair.k // pair.block_size)
+    padded = np.zeros((pair.n, blocks * pair.block_size), dtype=np.float32)
+    padded[:, : pair.k] = weight.T
+    q, scales = int8_blocks(padded, pair.block_size)
+    inits[pair.packed].CopyFrom(numpy_helper.from_array(q, pair.packed))
+    _replace(inits[pair.scales], scales.reshape(tuple(inits[pair.scales].dims)))
+    readers = [node, *_lookups(model, pair)]
+    zero_points = {r.input[3] for r in readers if len(r.input) > 3}
+    for reader in readers:
+        del reader.input[3:]  # symmetric: onnxruntime's implied zero point 128
+        next(a for a in reader.attribute if a.name == "bits").i = 8
+    for init in [t for t in model.graph.initializer if t.name in zero_points]:
+        model.graph.initializer.remove(init)
+    for reshape in model.graph.node:
+        if reshape.op_type == "Reshape" and reshape.input[0] == pair.packed:
+            # The lookup's table is [rows, row bytes]: a byte per weight now, not two.
+            shape = pair.packed + "_int8_rows"
+            model.graph.initializer.append(
+                numpy_helper.from_array(np.array([pair.n, blocks * pair.block_size], dtype=np.int64), shape)
+            )
+            reshape.input[1] = shape
 
 
 def token_ids(model_dir: Path, text: Path) -> list[int]:
@@ -222,8 +377,18 @@ def quantize_weight(weight: Any, importance: Any, block_size: int) -> tuple[Any,
     and packed zero points [N, ⌈blocks/2⌉].
 
     Asymmetric INT4 as onnxruntime stores it: value ``(q - zero) · scale``, q and zero in
-    0..15, two to a byte, low nibble first. The candidate grids stretch each block's
-    [min, max] (zero included) towards zero; the (1, 1) candidate is plain rounding.
+    0..15, two to a byte, low nibble first.
+    """
+    q, scales, zeros = quantize_blocks(weight, importance, block_size)
+    return _nibbles(q), scales, _nibbles(zeros)
+
+
+def quantize_blocks(weight: Any, importance: Any, block_size: int) -> tuple[Any, Any, Any]:
+    """``quantize_weight`` before packing: q [N, blocks, block], scales [N, blocks] and zero
+    points [N, blocks + blocks % 2] (an even count, so that they pack two to a byte).
+
+    The candidate grids stretch each block's [min, max] (zero included) towards zero; the
+    (1, 1) candidate is plain rounding.
     """
     import numpy as np
 
@@ -241,8 +406,22 @@ def quantize_weight(weight: Any, importance: Any, block_size: int) -> tuple[Any,
     for r in range(0, rows, _ROWS):  # bounded temporaries, whatever the matrix
         groups = padded[r : r + _ROWS].reshape(-1, blocks, block_size)
         q[r : r + _ROWS], scales[r : r + _ROWS], zeros[r : r + _ROWS, :blocks] = _search(groups, imp)
-    packed = q[..., 0::2] | (q[..., 1::2] << 4)
-    return packed, scales, zeros[:, 0::2] | (zeros[:, 1::2] << 4)
+    return q, scales, zeros
+
+
+def dequantize(q: Any, scales: Any, zeros: Any, shape: tuple[int, ...]) -> Any:
+    """``quantize_blocks``' output back to an ONNX MatMul weight of ``shape`` [K, N]."""
+    import numpy as np
+
+    k = shape[0]
+    blocks = scales.shape[1]
+    values = (q.astype(np.float32) - zeros[:, :blocks, None]) * scales[..., None]
+    return np.ascontiguousarray(values.reshape(len(q), -1)[:, :k].T)
+
+
+def _nibbles(values: Any) -> Any:
+    """Two 4-bit values to a byte along the last axis, low nibble first."""
+    return values[..., 0::2] | (values[..., 1::2] << 4)
 
 
 def _search(groups: Any, imp: Any) -> tuple[Any, Any, Any]:

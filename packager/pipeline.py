@@ -299,7 +299,7 @@ def _export(b: Build) -> Build:
         # HQQ quantises the builder's FP32 graph itself.
         precision=Precision.FP32 if config.uses_hqq else weights,
         execution_provider=target.execution_provider,
-        block_size=config.recipe[0],
+        block_size=config.recipe.block_size,
         accuracy_level=target.accuracy_level,
         # imatrix writes its own zero points over a symmetric scaffold: the builder's
         # asymmetric export cannot share a tied embedding (``packager.builder``).
@@ -326,15 +326,23 @@ def _export(b: Build) -> Build:
     else:
         builder.export(request)
     if config.uses_hqq:
-        progress(f"      HQQ: quantising the FP32 graph's weights to INT4 in blocks of {config.recipe[0]}")
+        progress(
+            f"      HQQ: quantising the FP32 graph's weights to INT4 in blocks of {config.recipe.block_size}"
+        )
         from edgephi.packager import hqq
 
-        hqq.quantize(onnx_dir, config.recipe[0], target.accuracy_level, workdir / "hqq")
+        hqq.quantize(onnx_dir, config.recipe.block_size, target.accuracy_level, workdir / "hqq")
     calibration = None
     if config.uses_imatrix:
         progress("      imatrix: exporting FP32 weights of the same source to calibrate on")
         fp32 = _fp32_reference(request, workdir)
-        calibration = imatrix.quantize(onnx_dir, fp32.output_dir, workdir / "imatrix", progress=progress)
+        calibration = imatrix.quantize(
+            onnx_dir,
+            fp32.output_dir,
+            workdir / "imatrix",
+            int8_budget=config.recipe.int8_budget,
+            progress=progress,
+        )
     if weights is Precision.INT8 and target.execution_provider is ExecutionProvider.CPU:
         from edgephi.packager import embedding
 

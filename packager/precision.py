@@ -180,9 +180,7 @@ def estimate(shapes: Shapes, rung: Rung, target: Target, context: int, budget: i
     return Estimate(rung, weights, shape.need(min(context, shapes.positions)), speed, planned)
 
 
-def choose(
-    hf_config: dict[str, Any], target: Target, context: int, *, calibrate: bool = True
-) -> Choice:
+def choose(hf_config: dict[str, Any], target: Target, context: int, *, calibrate: bool = True) -> Choice:
     """The best rung of the ladder for this model on ``target`` (see the module docstring)."""
     if target.execution_provider is not ExecutionProvider.CPU:
         return Choice(

@@ -18,7 +18,7 @@ import assets
 import docsection
 from edgephi import targets
 from edgephi.packager import evaluate, imatrix, pipeline
-from edgephi.packager.config import QUANT_RECIPES, BuildConfig
+from edgephi.packager.config import QUANT_RECIPES, BuildConfig, Recipe
 from edgephi.runtime import bundle
 from edgephi.targets import ModelFormat, Precision
 
@@ -47,7 +47,7 @@ def reading(rows: list[tuple[str, int, evaluate.EvalResult]]) -> list[str]:
     best = min(recipes, key=lambda r: r[2].ppl)
     default = targets.get("cpu")
     default_name = next(
-        n for n, spec in QUANT_RECIPES.items() if spec == (default.block_size, default.algorithm)
+        n for n, spec in QUANT_RECIPES.items() if spec == Recipe(default.block_size, default.algorithm)
     )
     verdict = (
         "so it is the CPU targets' default"

@@ -325,3 +325,42 @@ def test_imatrix_rewrites_every_int4_matmul_and_the_model_still_generates(
         assert all(len(n.input) == 3 for n in lookups)  # its own blocks, left as the builder wrote them
     assert calibration.tokens >= imatrix.WINDOW
     assert len(greedy(folder)) == 24
+
+
+def test_imatrix_writes_its_most_sensitive_matmuls_in_int8_when_given_room(
+    exported,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
+    name = "qwen2"  # a tied embedding: its lookup must follow the lm_head's blocks to INT8
+    fp32 = exported(name, Precision.FP32)
+    int4 = copy(exported(name, Precision.INT4), tmp_path / "int4")
+    imatrix.quantize(int4, fp32, tmp_path / "w4")
+    mixed = copy(exported(name, Precision.INT4), tmp_path / "mixed")
+    # INT8 adds ~0.76x an INT4 MatMul's bytes: a budget of 1 has room for every MatMul.
+    calibration = imatrix.quantize(mixed, fp32, tmp_path / "w8", int8_budget=1.0)
+    graph = onnx.load(str(mixed / "model.onnx"), load_external_data=False).graph
+    readers = [n for n in graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")]
+    assert len(calibration.int8) == calibration.matmuls == len(readers) - 1
+    assert calibration.card()["int8_matmuls"] == calibration.matmuls
+    for node in readers:
+        assert len(node.input) == 3 and next(a.i for a in node.attribute if a.name == "bits") == 8
+    assert not [t.name for t in graph.initializer if t.name.endswith("_zero_points")]
+    assert len(greedy(mixed)) == 24
+    # Nearer FP32 than the all-INT4 weights, on the evaluation text (not the calibration one).
+    kl4 = evaluate.evaluate(int4, fp32, window=64, max_windows=2).kl
+    kl8 = evaluate.evaluate(mixed, fp32, window=64, max_windows=2).kl
+    assert kl8 < kl4 / 4
+
+
+def test_the_int8_budget_goes_to_the_most_kl_per_extra_byte() -> None:
+    def pair(node: str, n: int) -> imatrix._Pair:
+        return imatrix._Pair(node, "", "", "", "", block_size=32, k=64, n=n)
+
+    # Extra bytes for INT8: 31 per output row here (2 blocks: 64 + 8 against 32 + 8 + 1).
+    pairs = [pair("a", 32), pair("b", 64), pair("c", 32)]
+    assert [p.bytes(8) - p.bytes(4) for p in pairs] == [992, 1984, 992]
+    kl = {"a": 1.0, "b": 1.5, "c": 0.1}  # per byte: a, then b, then c
+    # b does not fit beside a; c still does.
+    assert [p.node for p in imatrix.choose_int8(pairs, kl, budget=2000)] == ["a", "c"]
+    assert [p.node for p in imatrix.choose_int8(pairs, kl, budget=3000)] == ["a", "b"]
+    assert imatrix.choose_int8(pairs, kl, budget=900) == []

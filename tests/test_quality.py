@@ -179,4 +179,3 @@ def test_a_calibrated_build_names_its_calibration_text_and_reuses_its_fp32_expor
         [{"role": "user", "content": "hi"}], GenerationOptions(max_tokens=5, temperature=0)
     )
     assert answer.stats.generated_tokens == 5 and answer.text
-
