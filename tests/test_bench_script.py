@@ -63,6 +63,11 @@ def test_the_report_shows_what_was_measured_and_the_ratios() -> None:
     assert "our default bundle / llama.cpp Q4_K_M: 1.60×" in report
     # 31.8 is nearer 27.0 than anything else here: 160 / 100
     assert "edgephi default-b32 (PPL 31.80) / llama.cpp Q4_K_M (PPL 27.00): 1.60×" in report
+    # 80 MiB but worse than Q4_K_M: the pairing is missed by 31.8 / 27.0 - 1
+    assert (
+        "the nearest, edgephi default-b32 (80.0 MiB, PPL 31.80 / nan), misses its perplexity by 17.8%"
+        in report
+    )
 
 
 def test_the_nearest_in_quality_is_by_ratio_of_perplexities() -> None:
@@ -73,6 +78,32 @@ def test_the_nearest_in_quality_is_by_ratio_of_perplexities() -> None:
     # 30 -> 20 is a ratio of 1.5, 30 -> 44 only 1.47: the larger difference is nearer.
     assert bench.nearest_in_quality(ours, [row("a", 20.0), row("b", 44.0)]).name == "b"
     assert bench.nearest_in_quality(ours, [row("a", 29.0), row("b", 44.0)]).name == "a"
+
+
+def test_a_pareto_pairing_needs_no_larger_and_no_worse_on_both_texts() -> None:
+    def row(name: str, mib: int, ppl: float, ppl2: float, decode: float) -> bench.Row:
+        return bench.Row(name, mib * 2**20, ppl, [0.1], [decode], [1], ppl2)
+
+    q4_0 = row("llama.cpp Q4_0", 87, 29.5, 15.0, 100)
+    q4_k_m = row("llama.cpp Q4_K_M", 100, 25.0, 12.4, 80)
+    small = row("edgephi small", 87, 27.0, 13.8, 110)  # beats Q4_0 on both texts at its size
+    faster = row("edgephi faster", 84, 29.4, 15.1, 150)  # worse on the second text: no pairing
+    big = row("edgephi big", 100, 25.5, 12.7, 90)  # 2.4% worse than Q4_K_M on the second text
+    table = [small, faster, big, q4_0, q4_k_m]
+    assert bench.pareto(table, q4_0) == (small, small)  # faster, 0.7% worse on one text, is out
+    assert bench.pareto(table, q4_k_m) == (None, big)
+    assert bench.miss(big, q4_k_m) == pytest.approx(12.7 / 12.4 - 1)
+    lines = bench.pareto_lines(table)
+    assert "edgephi small (87.0 MiB, PPL 27.00 / 13.80) is no larger and no worse" in lines[0]
+    assert "1.10× as fast (short of the 1.2× floor)" in lines[0]
+    assert "the nearest, edgephi big" in lines[1] and "by 2.4%" in lines[1] and "1.12× as fast" in lines[1]
+    # A machine with one evaluation text judges on that one.
+    one, q4_0_one = (
+        row("edgephi one", 80, 29.0, math.nan, 120),
+        row("llama.cpp Q4_0", 87, 29.5, math.nan, 100),
+    )
+    assert bench.pareto([one, q4_0_one], q4_0_one) == (one, one)
+    assert bench.pareto_lines([big, q4_0, q4_k_m])[0].endswith("none of ours is no larger.")
 
 
 def profile_events() -> list[dict]:
