@@ -42,10 +42,10 @@ QUANT_RECIPES: dict[str, Recipe] = {
     "imatrix-b32": Recipe(32, "imatrix"),
     # imatrix with the MatMuls whose INT4 rounding moves the next-token distribution most per
     # byte (KL, measured one MatMul at a time on the calibration text) kept in INT8, within a
-    # share of the INT4 weights' bytes. Sized on SmolLM2 to sit under llama.cpp's Q4_0 (-s:
-    # 87.3 against 87.5 MiB) and Q4_K_M (-m: 100.1 against 100.6 MiB); docs/quantization.md.
-    "imatrix-mix-s-b32": Recipe(32, "imatrix", int8_budget=0.035),
-    "imatrix-mix-m-b32": Recipe(32, "imatrix", int8_budget=0.19),
+    # share of the INT4 weights' bytes. Sized so that SmolLM2's bundle file is no larger than
+    # llama.cpp's Q4_0 GGUF (-s) and Q4_K_M GGUF (-m) of the same weights; docs/quantization.md.
+    "imatrix-mix-s-b32": Recipe(32, "imatrix", int8_budget=0.027),
+    "imatrix-mix-m-b32": Recipe(32, "imatrix", int8_budget=0.18),
 }
 # Recipes edgephi computes itself: the builder exports for them with its default algorithm.
 OWN_ALGORITHMS = ("hqq", "imatrix")
