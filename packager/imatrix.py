@@ -101,18 +101,18 @@ def quantize(
     try:
         for pair in pairs:
             weight = onnx.numpy_helper.to_array(fp32_inits[pair.fp32_weight], str(fp32_dir))  # [K, N]
-            q, scales, zeros = quantize_blocks(weight, importance[pair.activation], pair.block_size)
-            _replace(inits[pair.packed], _nibbles(q))
+            packed, scales, zeros = quantize_weight(weight, importance[pair.activation], pair.block_size)
+            _replace(inits[pair.packed], packed)
             _replace(inits[pair.scales], scales.reshape(tuple(inits[pair.scales].dims)))
             zero_name = pair.fp32_weight + "_zero_points"
-            model.graph.initializer.append(onnx.numpy_helper.from_array(_nibbles(zeros), zero_name))
+            model.graph.initializer.append(onnx.numpy_helper.from_array(zeros, zero_name))
             nodes[pair.node].input.append(zero_name)
             for lookup in _lookups(model, pair):
                 # The tied embedding reads the same blocks, so it needs the same zero points.
                 if len(lookup.input) == 3:
                     lookup.input.append(zero_name)
             if probe is not None:
-                kl[pair.node] = probe.kl(pair, dequantize(q, scales, zeros, weight.shape))
+                kl[pair.node] = probe.kl(pair, dequantize(packed, scales, zeros, pair.k))
     finally:
         if probe is not None:
             probe.close()
@@ -377,18 +377,8 @@ def quantize_weight(weight: Any, importance: Any, block_size: int) -> tuple[Any,
     and packed zero points [N, ⌈blocks/2⌉].
 
     Asymmetric INT4 as onnxruntime stores it: value ``(q - zero) · scale``, q and zero in
-    0..15, two to a byte, low nibble first.
-    """
-    q, scales, zeros = quantize_blocks(weight, importance, block_size)
-    return _nibbles(q), scales, _nibbles(zeros)
-
-
-def quantize_blocks(weight: Any, importance: Any, block_size: int) -> tuple[Any, Any, Any]:
-    """``quantize_weight`` before packing: q [N, blocks, block], scales [N, blocks] and zero
-    points [N, blocks + blocks % 2] (an even count, so that they pack two to a byte).
-
-    The candidate grids stretch each block's [min, max] (zero included) towards zero; the
-    (1, 1) candidate is plain rounding.
+    0..15, two to a byte, low nibble first. The candidate grids stretch each block's
+    [min, max] (zero included) towards zero; the (1, 1) candidate is plain rounding.
     """
     import numpy as np
 
@@ -402,26 +392,34 @@ def quantize_blocks(weight: Any, importance: Any, block_size: int) -> tuple[Any,
     imp = (imp + _FLOOR * imp[:k].mean()).reshape(1, blocks, block_size)
     q = np.empty((rows, blocks, block_size), dtype=np.uint8)
     scales = np.empty((rows, blocks), dtype=np.float32)
-    zeros = np.zeros((rows, blocks + blocks % 2), dtype=np.uint8)
+    zeros = np.zeros((rows, blocks + blocks % 2), dtype=np.uint8)  # an even count packs whole
     for r in range(0, rows, _ROWS):  # bounded temporaries, whatever the matrix
         groups = padded[r : r + _ROWS].reshape(-1, blocks, block_size)
         q[r : r + _ROWS], scales[r : r + _ROWS], zeros[r : r + _ROWS, :blocks] = _search(groups, imp)
-    return q, scales, zeros
+    return _pack(q), scales, _pack(zeros)
 
 
-def dequantize(q: Any, scales: Any, zeros: Any, shape: tuple[int, ...]) -> Any:
-    """``quantize_blocks``' output back to an ONNX MatMul weight of ``shape`` [K, N]."""
+def dequantize(packed: Any, scales: Any, zeros: Any, k: int) -> Any:
+    """``quantize_weight``'s stored bytes back to the ONNX MatMul weight [K, N] they stand for:
+    what onnxruntime computes with, so the sensitivity probe measures what ships."""
     import numpy as np
 
-    k = shape[0]
-    blocks = scales.shape[1]
-    values = (q.astype(np.float32) - zeros[:, :blocks, None]) * scales[..., None]
-    return np.ascontiguousarray(values.reshape(len(q), -1)[:, :k].T)
+    rows, blocks = scales.shape
+    q = _unpack(packed).reshape(rows, blocks, -1).astype(np.float32)
+    values = (q - _unpack(zeros)[:, :blocks, None]) * scales[..., None]
+    return np.ascontiguousarray(values.reshape(rows, -1)[:, :k].T)
 
 
-def _nibbles(values: Any) -> Any:
+def _pack(values: Any) -> Any:
     """Two 4-bit values to a byte along the last axis, low nibble first."""
     return values[..., 0::2] | (values[..., 1::2] << 4)
+
+
+def _unpack(packed: Any) -> Any:
+    """``_pack`` undone, flattened per row."""
+    import numpy as np
+
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(len(packed), -1)
 
 
 def _search(groups: Any, imp: Any) -> tuple[Any, Any, Any]:

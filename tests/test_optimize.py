@@ -253,6 +253,7 @@ def test_imatrix_writes_what_onnxruntime_reads_and_rounds_important_weights_clos
     q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1).astype(np.float32)
     z = np.stack([zeros & 0x0F, zeros >> 4], axis=-1).reshape(n, -1)[:, :3].astype(np.float32)
     mine = ((q - np.repeat(z, block, axis=1)) * np.repeat(scales, block, axis=1))[:, :k]  # [N, K]
+    np.testing.assert_array_equal(imatrix.dequantize(packed, scales, zeros, k), mine.T)  # what KL probes
 
     # onnxruntime's INT4 MatMul (times the identity) and its block-quantised lookup (the
     # tied embedding's) both read exactly these weights.
