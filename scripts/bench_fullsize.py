@@ -213,7 +213,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     filler = bench.FILLER * (args.prompt_tokens // 10 + 2)
     prompt_ids = [int(t) for t in tokenizer.encode(filler, add_special_tokens=False)][: args.prompt_tokens]
-    contestants = [(name, "edgephi", path, bench._weights(path)) for name, (path, _) in ours.items()]
+    contestants = [(name, "edgephi", path, path.stat().st_size) for name, (path, _) in ours.items()]
     contestants += [(name, "llama.cpp", path, path.stat().st_size) for name, path in llama.items()]
 
     bandwidth = bench.measure_bandwidth(threads)
@@ -253,6 +253,7 @@ def main() -> None:
         "prompt_tokens": len(prompt_ids),
         "bandwidth": bandwidth,
         "convert_s": convert_s,
+        "llama": bench.llama_build(),
     }
     report = write_section(rows, limit_of, builds, meta)
     import docsection
@@ -289,7 +290,8 @@ def write_section(
         f"`scripts/bench_fullsize`, all rows in one run: {meta['rounds']} rounds, contestants "
         f"alternating, each a fresh process (load, warm-up, then a {meta['prompt_tokens']}-token "
         f"prompt answered with {meta['tokens']} greedy tokens). llama.cpp's files were converted by "
-        "its own `convert_hf_to_gguf.py` (F16) and quantised by its quantizer. Memory bandwidth "
+        f"its own `convert_hf_to_gguf.py` (F16) and quantised by its quantizer ({meta['llama']}). "
+        "Memory bandwidth "
         f"measured here: {meta['bandwidth'] / 1e9:.1f} GB/s; a contestant's limit is that over the "
         "weight bytes a token reads (all but the untied embedding table).",
         "",

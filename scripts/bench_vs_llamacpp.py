@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib.metadata
 import json
 import math
 import os
@@ -426,6 +427,17 @@ def f32_gguf(source: Path, out: Path) -> Path:
     return out
 
 
+def llama_build() -> str:
+    """Which llama.cpp is measured, and how it was built (``scripts/install_llama_cpp``'s stamp)."""
+    version = importlib.metadata.version("llama-cpp-python")
+    if (Path(sys.prefix) / ".llama-cpp-no-amx").exists():
+        return (
+            f"llama-cpp-python {version}, built here for this CPU's instruction sets but without "
+            "llama.cpp's AMX kernels, which crash on this machine at a model's first decode"
+        )
+    return f"llama-cpp-python {version}, built here with -march=native"
+
+
 def llama_quantize(f32: Path, ftype: str, out: Path) -> Path:
     import llama_cpp
 
@@ -496,7 +508,7 @@ def write_report(rows: list[Row], limit_of: dict[str, float], meta: dict[str, An
         f"{meta['window']}, the same token ids for all; PPL 2 the same over "
         f"`{meta.get('text2', 'no second text')}`. Model file: the file copied to a device, our "
         "signed bundle (weights, tokenizer, manifest) or llama.cpp's GGUF (weights, vocabulary). "
-        "Memory bandwidth measured here: "
+        f"llama.cpp: {meta['llama']}. Memory bandwidth measured here: "
         f"{meta['bandwidth'] / 1e9:.1f} GB/s; a contestant's limit is that divided by the weight "
         "bytes it reads per generated token: all of them, less an embedding table that is only "
         "looked up a row at a time (SmolLM2's is tied: every contestant shares it with the "
@@ -704,6 +716,7 @@ def main() -> None:
     meta = {
         "date": _dt.date.today().isoformat(),
         "machine": f"{platform.machine()}, {threads} cores, {platform.processor() or platform.platform()}",
+        "llama": llama_build(),
         "rounds": args.rounds,
         "tokens": args.tokens,
         "prompt_tokens": len(prompt_ids),

@@ -54,8 +54,10 @@ def test_the_report_shows_what_was_measured_and_the_ratios() -> None:
         "window": 512,
         "ppl_tokens": 2044,
         "bandwidth": 32e9,
+        "llama": "llama-cpp-python 0.3.36, built here",
     }
     report = bench.write_report(table, limits, meta)
+    assert "llama.cpp: llama-cpp-python 0.3.36, built here." in report
     ours = next(line for line in report.splitlines() if line.startswith("| edgephi default-b32"))
     # median 160 tok/s, 1.60x llama.cpp's median 100, 160 / (32e9 / 80 MiB) = 42% of the limit
     assert "160 (150–170)" in ours and "1.60×" in ours and "42%" in ours and "60 ms" in ours
