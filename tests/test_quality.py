@@ -69,7 +69,9 @@ def smollm2_fp32(bundles_dir: Path) -> Path:
 
 
 def eval_against(bundle_path: Path, reference: Path) -> dict:  # type: ignore[type-arg]
-    return eval_json(str(bundle_path), "--reference", str(reference), "--window", "256", "--windows", "2")
+    # One window of 256 tokens: eval reads token by token, and HQQ's slow kernel makes a
+    # second window cost a minute; every comparison below holds with a wide margin on this one.
+    return eval_json(str(bundle_path), "--reference", str(reference), "--window", "256", "--windows", "1")
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +93,8 @@ def test_the_default_packs_smollm2_at_int8_and_answers_nearly_as_fp32(
     assert result.exit_code == 0, result.output
     assert "precision auto: int8 (+0.6% perplexity on SmolLM2), the best that fits cpu" in result.output
     scores = eval_against(out, smollm2_fp32)
-    # INT8 loses +0.6% on 2048 tokens (docs/quantization.md); the INT4 recipe +17% on these 2x256.
+    # INT8 loses +0.6% on 2048 tokens (docs/quantization.md), -0.2% on this window, where the
+    # INT4 recipe loses +23%.
     assert scores["ppl_increase"] < 0.02 and scores["ppl_increase"] < default_eval["ppl_increase"] / 5
     answer = load(out, store=store).generate(
         [{"role": "user", "content": "What is the capital of France?"}],
@@ -122,7 +125,7 @@ def test_hqq_b32_loses_less_than_the_default_on_smollm2(
     assert manifest.precision == "int4" and manifest.model.graph.format is ModelFormat.ONNX
     default = default_eval
     better = eval_against(hqq, smollm2_fp32)
-    # Measured on these 2x256 tokens: +9% against the default's +17%.
+    # Measured on this window: +8.6% against the default's +23% (KL 0.09 against 0.58).
     assert better["ppl_increase"] < default["ppl_increase"] * 0.7
     assert better["kl"] < default["kl"]
 
