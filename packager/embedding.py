@@ -1,20 +1,26 @@
-"""One copy of a tied embedding in INT8 builds: the lookup reads the lm_head's INT8 blocks.
+"""The decoder's token-embedding table in quantised CPU builds: never a whole FP32 copy.
 
-The builder shares a tied embedding with the lm_head only at INT4 (its
-``GatherBlockQuantized`` path); at INT8 it writes the embedding a second time, in FP32 —
-113 MB of SmolLM2's 267 MB of model files, and as much memory on the device. onnxruntime's
-``GatherBlockQuantized`` reads 8-bit blocks in the MatMulNBits layout too (unsigned, zero
-point 128 when none is given), so the lookup is pointed at the lm_head's blocks and the FP32
-table dropped. Called by the pipeline after the export (``packager.pipeline``), before strip
-and fuse, which then optimises the shared graph.
+Called by the pipeline after the export (``packager.pipeline``), before strip and fuse.
+The builder quantises MatMuls; the lookup table is left to this module, in two cases:
 
-Only a table that *is* the lm_head's weights is replaced: a few rows are dequantised here
-and compared with the FP32 table first, so an untied embedding is left as it is.
-
-The trade, measured on SmolLM2 (docs/benchmarks.md): model files 255 → 147 MiB, peak RSS
-299 → 317 MiB — onnxruntime memory-maps the FP32 table and touches only the rows looked up,
-while the lm_head's INT8 blocks, now used by the lookup too, stay resident beside the copy
-MatMulNBits prepacks. Smaller downloads and flash for a few percent of memory.
+* **tied, INT8** (``share_int8_embedding``). The builder shares a tied embedding with the
+  lm_head only at INT4 (its ``GatherBlockQuantized`` path); at INT8 it writes the embedding
+  a second time, in FP32 — 113 MB of SmolLM2's 267 MB of model files. onnxruntime's
+  ``GatherBlockQuantized`` reads 8-bit blocks in the MatMulNBits layout too (unsigned, zero
+  point 128 when none is given), so the lookup is pointed at the lm_head's blocks and the
+  FP32 table dropped. Only a table that *is* the lm_head's weights is replaced: a few rows
+  are dequantised here and compared with the FP32 table first.
+  The trade, measured on SmolLM2 (docs/benchmarks.md): model files 255 → 147 MiB, peak RSS
+  299 → 317 MiB — onnxruntime memory-maps the FP32 table and touches only the rows looked
+  up, while the lm_head's INT8 blocks, now used by the lookup too, stay resident beside the
+  copy MatMulNBits prepacks. Smaller downloads and flash for a few percent of memory.
+* **untied, INT4 or INT8** (``quantize_untied``). The builder keeps an untied table in FP32
+  at every precision: 376 MiB of Phi-3.5-mini's 2.6 GiB INT4 model files. It is rewritten
+  as a ``GatherBlockQuantized`` table in the build's own bits and block size, as llama.cpp's
+  Q4/Q8 files keep ``token_embd``. The builder can do this itself (``op_types_to_quantize``
+  with ``Gather``), but its quantizer then held more memory at once, and the export of a
+  3.8B model, which peaks at 22.4 GiB, was killed on a 24 GiB machine; done here it reads
+  the table alone. A token looks up one row, so decode reads no more for it.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgephi.packager.graph import Graph
+from edgephi.packager import imatrix
+from edgephi.packager.graph import Graph, int8_blocks
 from edgephi.packager.optimize import decoder_file, save_decoder
 
 BITS = 8
@@ -64,6 +71,63 @@ def share_int8_embedding(model_dir: Path, workdir: Path) -> int:
     model.graph.initializer.remove(table)
     save_decoder(model, model_dir, name, workdir)
     return saved
+
+
+def quantize_untied(model_dir: Path, workdir: Path, bits: int, block_size: int) -> int:
+    """Rewrite ``model_dir``'s own FP32 embedding table in ``bits``-bit blocks of
+    ``block_size``; return the bytes saved (0: no such table, or rows not whole blocks).
+
+    INT4 blocks are asymmetric, each range the least-squares one of the candidates
+    ``packager.imatrix`` searches (every channel alike: a lookup has no activations to
+    weigh them by); INT8 blocks are the symmetric ones of the INT8 MatMuls.
+    """
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    name = decoder_file(model_dir)
+    model = onnx.load(str(model_dir / name))
+    gather = embedding_gather(model)
+    inits = {t.name: t for t in model.graph.initializer}
+    if gather is None or gather.input[0] not in inits:
+        return 0  # none, or a tied table read through the lm_head's weights
+    table = inits[gather.input[0]]
+    readers = [n for n in model.graph.node if table.name in n.input]
+    if table.data_type != TensorProto.FLOAT or len(table.dims) != 2 or readers != [gather]:
+        return 0
+    vocab, hidden = (int(d) for d in table.dims)
+    if hidden % block_size:
+        return 0  # padded blocks would gather rows wider than the hidden size
+    values = numpy_helper.to_array(table)  # [vocab, hidden]: a row per token
+    g = Graph(gather.name + "/")
+    if bits == imatrix.BITS:
+        packed, scales, zeros = imatrix.quantize_weight(values.T, np.ones(hidden, np.float32), block_size)
+        rows = g.const("q4", packed.reshape(vocab, hidden // 2))
+        extra = [g.const("scales", scales), g.const("zero_points", zeros)]
+    elif bits == BITS:
+        q, scales = int8_blocks(values, block_size)
+        rows = g.const("q8", q.reshape(vocab, hidden))
+        extra = [g.const("scales", scales)]
+    else:
+        raise ValueError(f"a lookup table is quantised to 4 or 8 bits, not {bits}")
+    g.op(
+        "GatherBlockQuantized",
+        rows,
+        gather.input[1],
+        *extra,
+        domain="com.microsoft",
+        out=gather.output[0],
+        bits=bits,
+        block_size=block_size,
+        gather_axis=0,
+        quantize_axis=1,
+    )
+    g.splice(model, gather)
+    model.graph.initializer.remove(table)
+    before = vocab * hidden * 4
+    after = sum(numpy_helper.to_array(t).nbytes for t in g.inits)
+    save_decoder(model, model_dir, name, workdir)
+    return before - after
 
 
 def embedding_gather(model: Any) -> Any:

@@ -12,9 +12,9 @@ build so far (``Build``, frozen) to the build with its part added, in one work d
    execution provider and quantisation recipe (``packager.builder``); then quantise its
    FP32 graph for the ``hqq-b32`` recipe (``packager.hqq``), or rewrite its INT4 weights
    with importance-weighted scales from an FP32 export for ``imatrix-b32``
-   (``packager.imatrix``), give an INT8 build's tied
-   embedding the lm_head's blocks (``packager.embedding``), build a vision model's image
-   encoder and embedding models (``packager.vision``), and strip and fuse a CPU target's
+   (``packager.imatrix``), give an INT8 build's tied embedding the lm_head's blocks and a
+   quantised build's untied one blocks of its own (``packager.embedding``), build a vision
+   model's image encoder and embedding models (``packager.vision``), and strip and fuse a CPU target's
    graph, checking its greedy tokens did not change (``packager.optimize``);
 3. ``finalize``  — set the shipped default context, hash every file, describe the model
    and its memory needs in the manifest (``packager.finalize``);
@@ -343,13 +343,19 @@ def _export(b: Build) -> Build:
             int8_budget=config.recipe.int8_budget,
             progress=progress,
         )
-    if weights is Precision.INT8 and target.execution_provider is ExecutionProvider.CPU:
+    if weights in (Precision.INT4, Precision.INT8) and target.execution_provider is ExecutionProvider.CPU:
         from edgephi.packager import embedding
 
-        saved = embedding.share_int8_embedding(onnx_dir, workdir / "embedding")
+        bits = 4 if weights is Precision.INT4 else 8
+        saved = embedding.share_int8_embedding(onnx_dir, workdir / "embedding") if bits == 8 else 0
+        if saved:
+            mib = saved / 2**20
+            progress(f"      INT8: the tied embedding now reads the lm_head's blocks, {mib:.0f} MiB less")
+        saved = embedding.quantize_untied(onnx_dir, workdir / "embedding", bits, config.recipe.block_size)
         if saved:
             progress(
-                f"      INT8: the tied embedding now reads the lm_head's blocks, {saved / 2**20:.0f} MiB less"
+                f"      {weights.value.upper()}: the untied embedding table in {bits}-bit blocks, "
+                f"{saved / 2**20:.0f} MiB less"
             )
     spec = None
     if b.multimodal:

@@ -47,15 +47,20 @@ class Rung:
     quant: str | None  # a QUANT_RECIPES name; None: the target's own recipe
     bytes_per_weight: float
     measured: str  # its perplexity rise on SmolLM2, as docs/quantization.md has it
+    # An untied embedding table, looked up in blocks of the rung's bits (``packager.embedding``).
+    embedding_bytes_per_weight: float
 
     @property
     def label(self) -> str:
         return f"{self.precision.value} {self.quant}" if self.quant else self.precision.value
 
 
-INT8 = Rung(Precision.INT8, None, 1 + 4 / 32, "+0.6%")
-INT4_CALIBRATED = Rung(Precision.INT4, CALIBRATED, 0.5 + 4 / 32 + 0.5 / 32, "+23%")  # + zero points
-INT4 = Rung(Precision.INT4, None, 0.5 + 4 / 32, "+34%")
+_Q8 = 1 + 4 / 32  # a weight and its share of an FP32 scale
+_Q4 = 0.5 + 4 / 32
+_Q4_ZERO = _Q4 + 0.5 / 32  # and of an integer zero point
+INT8 = Rung(Precision.INT8, None, _Q8, "+0.6%", _Q8)
+INT4_CALIBRATED = Rung(Precision.INT4, CALIBRATED, _Q4_ZERO, "+23%", _Q4_ZERO)
+INT4 = Rung(Precision.INT4, None, _Q4, "+34%", _Q4_ZERO)
 
 
 @dataclass(frozen=True)
@@ -115,9 +120,9 @@ class Shapes:
         return self.layers * (attention + mlp) + self.vocab * self.hidden
 
     def weight_bytes(self, rung: Rung) -> int:
-        """The decoder's bytes on disk: quantised MatMuls; an untied embedding stays FP32 (a tied
-        one reads the lm_head's blocks); the rotary cos/sin caches are FP32."""
-        embedding = 0 if self.tied else self.vocab * self.hidden * 4
+        """The decoder's bytes on disk: quantised MatMuls; an untied embedding as the rung keeps
+        it (a tied one reads the lm_head's blocks); the rotary cos/sin caches are FP32."""
+        embedding = 0 if self.tied else int(self.vocab * self.hidden * rung.embedding_bytes_per_weight)
         rope = self.rope_positions * self.head_dim // 2 * 4 * 2
         return int(self.matmul_weights * rung.bytes_per_weight) + embedding + rope
 

@@ -89,10 +89,14 @@ def bandwidth_limit(bytes_per_second: float, bytes_per_token: int) -> float:
     return bytes_per_second / bytes_per_token
 
 
+LOOKUPS = {"Gather", "GatherBlockQuantized"}
+
+
 def bytes_per_token(onnx_path: Path) -> int:
-    """Weight bytes a decode step reads: every initializer, except a table that only plain
-    ``Gather`` nodes use — an untied FP32 embedding, looked up one row per token (a tied one
-    shares the lm_head's quantised blocks, which the lm_head reads whole, and counts)."""
+    """Weight bytes a decode step reads: every initializer, except a table that only lookups
+    use — an untied embedding (``Gather``, or ``GatherBlockQuantized`` with its scales),
+    read one row per token (a tied one shares the lm_head's quantised blocks, which the
+    lm_head reads whole, and counts)."""
     import numpy as np
     import onnx
 
@@ -103,7 +107,8 @@ def bytes_per_token(onnx_path: Path) -> int:
             users.setdefault(name, set()).add(node.op_type)
     total = 0
     for tensor in graph.initializer:
-        if users.get(tensor.name) == {"Gather"} and len(tensor.dims) == 2:
+        used_by = users.get(tensor.name, set())
+        if used_by and used_by <= LOOKUPS and len(tensor.dims) == 2:
             continue
         itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
         total += int(np.prod(tensor.dims, dtype=np.int64)) * itemsize

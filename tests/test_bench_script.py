@@ -182,11 +182,15 @@ def test_bytes_per_token_leaves_out_a_table_only_looked_up_by_row(tmp_path: Path
         numpy_helper.from_array(np.zeros((4, 4), np.float32), "w"),  # 64 B
         numpy_helper.from_array(np.zeros((10, 4), np.uint8), "shared"),  # Gather and MatMul: 40 B
         numpy_helper.from_array(np.zeros(3, np.int64), "index"),  # a 1-D Gather input: 24 B
+        # An INT4 embedding and its scales, looked up only: not read.
+        numpy_helper.from_array(np.zeros((10, 2), np.uint8), "embedding_q4"),
+        numpy_helper.from_array(np.zeros((10, 1), np.float32), "embedding_scales"),
     ]
     nodes = [
         helper.make_node("Gather", ["embedding", "ids"], ["e"]),
         helper.make_node("Gather", ["shared", "ids"], ["s"]),
         helper.make_node("Gather", ["index", "ids"], ["i"]),
+        helper.make_node("GatherBlockQuantized", ["embedding_q4", "ids", "embedding_scales"], ["q"]),
         helper.make_node("MatMul", ["e", "w"], ["y"]),
         helper.make_node("MatMul", ["x", "shared"], ["z"]),
     ]
@@ -197,7 +201,7 @@ def test_bytes_per_token_leaves_out_a_table_only_looked_up_by_row(tmp_path: Path
             helper.make_tensor_value_info("ids", TensorProto.INT64, [1]),
             helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 10]),
         ],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "z", "s", "i")],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "z", "s", "i", "q")],
         initializer=inits,
     )
     onnx.save(helper.make_model(graph), tmp_path / "m.onnx")

@@ -138,7 +138,10 @@ def test_context_overflow_and_trimming(phi3_bundle: Path, store: Store) -> None:
         )
     assert chat.dropped > 0  # old exchanges made room
     assert chat.messages[-2]["content"].startswith("question number 5")
-    assert engine.count_tokens(engine.format_prompt(chat.messages)) <= 96
+    # The last turn's prompt left room for its 8-token answer. (The history with the answer
+    # may not fit: the template closes the answer with tokens it never generated, and the
+    # next turn drops again first.)
+    assert engine.count_tokens(engine.format_prompt(chat.messages[:-1])) <= 96 - 8
 
 
 def _most_repeated_phrase(text: str, words: int = 6) -> int:
