@@ -55,20 +55,7 @@ def share_int8_embedding(model_dir: Path, workdir: Path) -> int:
     # [N, blocks, block_size] -> [vocab, hidden]: _tied_pair checked the blocks fill the rows.
     g = Graph(gather.name + "/")
     rows = g.op("Reshape", weight, g.const("int8_shape", np.array([vocab, hidden], dtype=np.int64)))
-    g.op(
-        "GatherBlockQuantized",
-        rows,
-        gather.input[1],
-        scales,
-        domain="com.microsoft",
-        out=gather.output[0],
-        bits=BITS,
-        block_size=block_size,
-        gather_axis=0,
-        quantize_axis=1,
-    )
-    g.splice(model, gather)
-    model.graph.initializer.remove(table)
+    _lookup_in_blocks(model, gather, table, g, [rows, scales], BITS, block_size)
     save_decoder(model, model_dir, name, workdir)
     return saved
 
@@ -99,22 +86,32 @@ def quantize_untied(model_dir: Path, workdir: Path, bits: int, block_size: int) 
     if hidden % block_size:
         return 0  # padded blocks would gather rows wider than the hidden size
     values = numpy_helper.to_array(table)  # [vocab, hidden]: a row per token
-    g = Graph(gather.name + "/")
     if bits == imatrix.BITS:
         packed, scales, zeros = imatrix.quantize_weight(values.T, np.ones(hidden, np.float32), block_size)
-        rows = g.const("q4", packed.reshape(vocab, hidden // 2))
-        extra = [g.const("scales", scales), g.const("zero_points", zeros)]
+        blocks = {"q4": packed.reshape(vocab, hidden // 2), "scales": scales, "zero_points": zeros}
     elif bits == BITS:
         q, scales = int8_blocks(values, block_size)
-        rows = g.const("q8", q.reshape(vocab, hidden))
-        extra = [g.const("scales", scales)]
+        blocks = {"q8": q.reshape(vocab, hidden), "scales": scales}
     else:
         raise ValueError(f"a lookup table is quantised to 4 or 8 bits, not {bits}")
+    g = Graph(gather.name + "/")
+    inputs = [g.const(key, value) for key, value in blocks.items()]
+    _lookup_in_blocks(model, gather, table, g, inputs, bits, block_size)
+    save_decoder(model, model_dir, name, workdir)
+    return values.nbytes - sum(value.nbytes for value in blocks.values())
+
+
+def _lookup_in_blocks(
+    model: Any, gather: Any, table: Any, g: Graph, blocks: list[str], bits: int, block_size: int
+) -> None:
+    """Put a ``GatherBlockQuantized`` over ``blocks`` (rows, scales[, zero points]) where the
+    FP32 ``gather`` stood, with ``g``'s constants, and drop its ``table``."""
+    rows, *quantisation = blocks
     g.op(
         "GatherBlockQuantized",
         rows,
         gather.input[1],
-        *extra,
+        *quantisation,
         domain="com.microsoft",
         out=gather.output[0],
         bits=bits,
@@ -124,10 +121,6 @@ def quantize_untied(model_dir: Path, workdir: Path, bits: int, block_size: int) 
     )
     g.splice(model, gather)
     model.graph.initializer.remove(table)
-    before = vocab * hidden * 4
-    after = sum(numpy_helper.to_array(t).nbytes for t in g.inits)
-    save_decoder(model, model_dir, name, workdir)
-    return before - after
 
 
 def embedding_gather(model: Any) -> Any:
